@@ -1,0 +1,1 @@
+"""Readers, layouts, embedded datasets, shard writer and the streaming reader."""

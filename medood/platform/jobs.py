@@ -1,0 +1,48 @@
+"""Connecting to Ray: a local Ray on a laptop, the cluster under `ray job submit`, and the runtime env.
+
+``ensure_ray()`` joins the cluster named by ``RAY_ADDRESS`` (what `ray job submit` sets for the
+job's driver) or by ``address``; without either it starts a local Ray sized to this machine.
+``submit_command`` builds the `ray job submit` line for a medood command, with the token
+authentication Ray 2.60 turns on for the dashboard (``RAY_AUTH_MODE=token``).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Initialise Ray once per process and return its cluster resources."""
+    import ray
+
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": not quiet}
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["num_cpus"] = num_cpus or os.cpu_count()
+            kwargs["include_dashboard"] = False
+        kwargs["runtime_env"] = runtime_env()
+        ray.init(**kwargs)
+    return ray.cluster_resources()
+
+
+def runtime_env() -> dict[str, Any]:
+    """Environment for every Ray worker: W&B offline unless the user chose, no Ray Data progress spam."""
+    env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    for key in ("MEDOOD_API_TOKEN", "WANDB_API_KEY", "WANDB_DIR"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return {"env_vars": env}
+
+
+def submit_command(medood_args: list[str], *, address: str = "http://127.0.0.1:8265", working_dir: str = ".") -> str:
+    """The `ray job submit` command line that runs ``medood <args>`` on a cluster."""
+    args = " ".join(shlex.quote(a) for a in medood_args)
+    return (
+        f"RAY_AUTH_MODE=token ray job submit --address {shlex.quote(address)} "
+        f"--working-dir {shlex.quote(working_dir)} -- medood {args}"
+    )

@@ -1,0 +1,504 @@
+"""The Ray Train trainable that runs any registered method on streamed shards.
+
+``train(...)`` builds a ``TorchTrainer`` for (method, shards, config, scaling) and returns a
+``RunResult``. Each worker streams its part of the train split (``ray.train.get_dataset_shard``),
+runs the method's stages in order, and every ``val_every`` epochs rank 0
+
+1. runs the method's ``fit_reference`` on the normal training data,
+2. fits the score calibration on normal training data (mean / std of raw sample and map scores),
+3. scores the val split: ``val_auroc`` and ``val_ap`` when it holds both labels, the F1-optimal
+   threshold, and ``val_loss`` (the training loss on val cases that are not known anomalies),
+
+then reports the metrics with a checkpoint (``medood.platform.checkpoint`` format). Ray keeps the
+best checkpoints by the chosen metric and always the latest. Starting a run again with the same
+``out`` folder resumes from its latest checkpoint (Ray Train restores the run's state from
+storage); ``max_failures`` restarts failed workers from the latest checkpoint too.
+
+Gradients of multi-worker runs are averaged with an all-reduce per optimizer step instead of
+wrapping the model in DistributedDataParallel, because methods with several optimizers (SQUID's
+generator / discriminator) back-propagate each loss into a subset of the parameters, which DDP's
+reducer does not allow.
+
+``train`` can be called as it is inside a Ray Tune function trainable: pass Tune's
+``TuneReportCallback`` in ``callbacks`` and the trial folder as ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medood import methods
+from medood.platform import checkpoint as ckpt
+from medood.platform import metrics as M
+from medood.platform.data.stream import InputSpec, read_manifest, read_split, to_torch_batch
+
+LABEL_FREE_METRICS = ("val_loss",)
+
+
+@dataclass
+class TrainOptions:
+    """Everything a run needs besides the method's own config. Mirrors ``medood train``'s flags."""
+
+    method: str
+    data: str
+    out: str = "runs/run"
+    preset: str | None = "paper"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    data_options: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    metric: str = "val_auroc"
+    mode: str = "max"
+    val_every: int = 1
+    num_to_keep: int = 2
+    max_failures: int = 1
+    calibration_samples: int = 512
+    mixed_precision: bool | None = None  # None: on when training on GPU (bf16 autocast)
+    wandb: bool = True
+    wandb_project: str = "medood"
+    wandb_group: str | None = None
+    shuffle_buffer: int = 64
+
+    def resolved_config(self) -> Any:
+        return methods.get(self.method).make_config(self.preset, self.overrides)
+
+
+@dataclass
+class RunResult:
+    path: str
+    best_checkpoint: str | None
+    latest_checkpoint: str | None
+    metric: str
+    mode: str
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
+    """Train ``options.method`` on ``options.data`` with Ray Train; resumes an existing run folder."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = options.resolved_config()
+    spec = InputSpec.from_config(config, **options.data_options)
+    manifest = read_manifest(options.data)
+    metric, mode = _effective_metric(options, manifest)
+
+    out = Path(options.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(config.seed)
+    datasets = {
+        "train": read_split(options.data, "train", spec, training=True, seed=seed, batch_size=4),
+        "reference": read_split(options.data, "train", spec, training=False, batch_size=4),
+    }
+    if sum(manifest["counts"].get("val", {}).values()):
+        datasets["val"] = read_split(options.data, "val", spec, training=False, batch_size=4)
+
+    use_gpu = options.gpus_per_worker > 0
+    loop_config = {
+        "method": options.method,
+        "config": asdict(config),
+        "spec": spec.to_dict(),
+        "val_every": max(1, int(options.val_every)),
+        "calibration_samples": int(options.calibration_samples),
+        "mixed_precision": use_gpu if options.mixed_precision is None else bool(options.mixed_precision),
+        "cpus_per_worker": int(options.cpus_per_worker),
+        "shuffle_buffer": int(options.shuffle_buffer),
+        "run_name": out.name,
+        "wandb": _wandb_settings(options, out, config),
+    }
+    resources = {"CPU": float(options.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(options.gpus_per_worker)
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=out.name,
+            storage_path=str(out.parent),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=options.num_to_keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            ),
+            failure_config=FailureConfig(max_failures=options.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    if not ray.is_initialized():
+        from medood.platform.jobs import ensure_ray
+
+        ensure_ray()
+    result = trainer.fit()
+    return _write_run_file(out, options, config, spec, result, metric, mode)
+
+
+# -- the loop each worker runs ------------------------------------------------------------------
+
+
+def _train_loop_per_worker(loop: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, loop["cpus_per_worker"]))
+    device = ray.train.torch.get_device()
+    method_cls = methods.get(loop["method"])
+    config = method_cls.make_config(None, loop["config"])
+    spec = _spec_from_dict(loop["spec"])
+    _seed_everything(int(config.seed) + rank)
+    model = method_cls(config).to(device)
+    amp = bool(loop["mixed_precision"]) and device.type == "cuda"
+
+    start = _restore(model, ray.train.get_checkpoint())
+    history: list[dict[str, Any]] = start["history"]
+    tracker = _Tracker(loop["wandb"]) if rank == 0 else None
+
+    train_shard = ray.train.get_dataset_shard("train")
+    reference = ray.train.get_dataset_shard("reference") if rank == 0 else None
+    val = _maybe_shard("val") if rank == 0 else None
+    batch_size = int(config.batch_size)
+    global_epoch = start["global_epoch"]
+    try:
+        for stage_index, stage in enumerate(model.stages()):
+            if stage_index < start["stage_index"]:
+                continue
+            optimizers = model.configure_optimizers(stage.name)
+            first_epoch = 0
+            if stage_index == start["stage_index"]:
+                first_epoch = start["epoch_in_stage"]
+                for name, state in start["optimizers"].items():
+                    if name in optimizers:
+                        optimizers[name].load_state_dict(state)
+            for epoch in range(first_epoch, stage.epochs):
+                _seed_everything(int(config.seed) + 1000 * global_epoch + rank)
+                t0 = time.perf_counter()
+                model.train()
+                sums: dict[str, float] = defaultdict(float)
+                counts: dict[str, int] = defaultdict(int)
+                samples = 0
+                for batch in train_shard.iter_batches(
+                    batch_size=batch_size,
+                    batch_format="numpy",
+                    local_shuffle_buffer_size=loop["shuffle_buffer"] or None,
+                    local_shuffle_seed=int(config.seed) + global_epoch,
+                    drop_last=False,
+                ):
+                    tb = to_torch_batch(batch, device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        losses = model(tb, stage.name)
+                    step_optimizers(optimizers, losses, world_size=world)
+                    samples += len(tb["id"])
+                    for key, value in losses.items():
+                        sums[key] += float(value.detach())
+                        counts[key] += 1
+                global_epoch += 1
+                epoch_in_stage = epoch + 1
+                last_of_stage = epoch_in_stage == stage.epochs
+                if not (last_of_stage or epoch_in_stage % loop["val_every"] == 0):
+                    continue
+                metrics: dict[str, Any] = {
+                    "epoch": global_epoch,
+                    "stage": stage.name,
+                    "stage_index": stage_index,
+                    "train_samples": samples,
+                    "epoch_time_s": time.perf_counter() - t0,
+                    **{f"train_{k}": sums[k] / counts[k] for k in sums},
+                }
+                if rank != 0:
+                    ray.train.report(metrics, checkpoint=None)
+                    continue
+                val_metrics, calibration = validate(
+                    model, stage.name, reference, val, device, amp, batch_size, loop["calibration_samples"]
+                )
+                metrics.update(val_metrics)
+                history.append(metrics)
+                state = {
+                    "stage_index": stage_index if not last_of_stage else stage_index + 1,
+                    "epoch_in_stage": epoch_in_stage if not last_of_stage else 0,
+                    "global_epoch": global_epoch,
+                    "optimizers": {n: o.state_dict() for n, o in optimizers.items()} if not last_of_stage else {},
+                    "history": json.dumps(history),
+                }
+                with tempfile.TemporaryDirectory() as tmp:
+                    ckpt.save(
+                        tmp, model, calibration=calibration, input_spec=spec, metrics=metrics, training_state=state
+                    )
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                if tracker:
+                    tracker.log(metrics, step=global_epoch)
+    finally:
+        if tracker:
+            tracker.finish()
+
+
+def step_optimizers(optimizers: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], *, world_size: int = 1) -> None:
+    """One optimisation step under the method contract (see ``medood.methods.base``).
+
+    Optimizer ``main`` minimises ``loss``, optimizer ``k`` minimises ``loss_k``; a loss that is absent
+    skips its optimizer. Each loss is back-propagated only into its optimizer's parameters; with
+    several workers the gradients are averaged with one all-reduce per optimizer.
+    """
+    active = []
+    for name, optimizer in optimizers.items():
+        key = "loss" if name == "main" else f"loss_{name}"
+        if key in losses:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+            active.append((optimizer, losses[key], params))
+    if not active:
+        return
+    for optimizer, _, _ in active:
+        optimizer.zero_grad(set_to_none=True)
+    for i, (_, loss, params) in enumerate(active):
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({float(loss)}); lower the learning rate")
+        loss.backward(inputs=params, retain_graph=i < len(active) - 1)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for _, _, params in active:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            dist.all_reduce(flat)
+            flat /= world_size
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p))
+                offset += n
+    for optimizer, _, _ in active:
+        optimizer.step()
+
+
+@torch.no_grad()
+def validate(
+    model: methods.AnomalyMethod,
+    stage: str,
+    reference: Any,
+    val: Any,
+    device: torch.device,
+    amp: bool,
+    batch_size: int,
+    calibration_samples: int,
+) -> tuple[dict[str, float], ckpt.Calibration]:
+    """Reference fitting, calibration on normal training data, then val metrics (rank 0)."""
+    model.eval()
+    model.fit_reference(_torch_batches(reference, batch_size, device))
+    model.eval()
+    raw, map_values, seen = [], [], 0
+    rng = np.random.default_rng(0)
+    for tb in _torch_batches(reference, batch_size, device):
+        normal = tb["label"] != 1
+        if not bool(normal.any()):
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            scores = model.score(tb)
+        raw.append(scores.sample[normal].float().cpu().numpy())
+        if scores.map is not None:
+            values = scores.map[normal].float().cpu().numpy().reshape(-1)
+            map_values.append(rng.choice(values, size=min(values.size, 20000), replace=False))
+        seen += int(normal.sum())
+        if seen >= calibration_samples:
+            break
+    calibration = ckpt.Calibration.fit(
+        np.concatenate(raw), np.concatenate(map_values) if map_values else None
+    )
+    metrics: dict[str, float] = {}
+    if val is None:
+        return metrics, calibration
+    labels, val_raw, losses = [], [], []
+    for tb in _torch_batches(val, batch_size, device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            scores = model.score(tb)
+            known_normal = tb["label"] != 1
+            if bool(known_normal.any()):
+                subset = _subset(tb, known_normal)
+                step_losses = model.training_step(subset, stage)
+                if "loss" in step_losses:
+                    losses.append(float(step_losses["loss"]))
+        labels.append(tb["label"].cpu().numpy())
+        val_raw.append(scores.sample.float().cpu().numpy())
+    model.eval()
+    if losses:
+        metrics["val_loss"] = float(np.mean(losses))
+    if labels:
+        y = np.concatenate(labels)
+        s = calibration.sample(np.concatenate(val_raw))
+        known = y >= 0
+        if M.has_both_classes(y[known]):
+            metrics["val_auroc"] = M.auroc(y[known], s[known])
+            metrics["val_ap"] = M.average_precision(y[known], s[known])
+            calibration.threshold = M.choose_threshold(y[known], s[known])
+            metrics["val_threshold"] = calibration.threshold
+    return metrics, calibration
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _effective_metric(options: TrainOptions, manifest: dict[str, Any]) -> tuple[str, str]:
+    """The checkpoint metric: the requested one, or ``val_loss`` when val has no labels to rank by."""
+    val_counts = manifest["counts"].get("val", {})
+    labelled = int(val_counts.get("0", 0)) > 0 and int(val_counts.get("1", 0)) > 0
+    if options.metric in ("val_auroc", "val_ap") and not labelled:
+        return "val_loss", "min"
+    if options.mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {options.mode!r}")
+    return options.metric, options.mode
+
+
+def _torch_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        yield to_torch_batch(batch, device)
+
+
+def _subset(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    index = keep.nonzero().flatten().tolist()
+    out = {}
+    for key, value in batch.items():
+        out[key] = value[keep] if isinstance(value, torch.Tensor) else [value[i] for i in index]
+    return out
+
+
+def _maybe_shard(name: str) -> Any:
+    import ray.train
+
+    try:
+        return ray.train.get_dataset_shard(name)
+    except (KeyError, ValueError):
+        return None
+
+
+def _restore(model: methods.AnomalyMethod, checkpoint: Any) -> dict[str, Any]:
+    start = {"stage_index": 0, "epoch_in_stage": 0, "global_epoch": 0, "optimizers": {}, "history": []}
+    if checkpoint is None:
+        return start
+    with checkpoint.as_directory() as directory:
+        payload = ckpt.read_payload(Path(directory) / ckpt.MODEL_FILE)
+    model.load_state_dict(payload["state_dict"])
+    state = payload.get("training_state", {})
+    start.update({k: state[k] for k in ("stage_index", "epoch_in_stage", "global_epoch", "optimizers") if k in state})
+    start["history"] = json.loads(state.get("history", "[]"))
+    start["resumed_from_epoch"] = start["global_epoch"]
+    return start
+
+
+def _spec_from_dict(values: dict[str, Any]) -> InputSpec:
+    values = dict(values)
+    values["intensity_percentiles"] = tuple(values["intensity_percentiles"])
+    return InputSpec(**values)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _wandb_settings(options: TrainOptions, out: Path, config: Any) -> dict[str, Any] | None:
+    if not options.wandb:
+        return None
+    return {
+        "project": options.wandb_project,
+        "group": options.wandb_group,
+        "name": out.name,
+        "dir": str(out),
+        "config": {"method": options.method, "preset": options.preset, **asdict(config)},
+    }
+
+
+class _Tracker:
+    """Weights & Biases logging on rank 0, offline unless the user chose a mode (WANDB_MODE)."""
+
+    def __init__(self, settings: dict[str, Any] | None) -> None:
+        self.run = None
+        if settings is None:
+            return
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(
+            project=settings["project"],
+            group=settings["group"],
+            name=settings["name"],
+            dir=settings["dir"],
+            config=settings["config"],
+            reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _write_run_file(
+    out: Path, options: TrainOptions, config: Any, spec: InputSpec, result: Any, metric: str, mode: str
+) -> RunResult:
+    if result.error:
+        raise result.error
+    best = None
+    best_metrics: dict[str, Any] = {}
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    if ranked:
+        best, best_metrics = (max if mode == "max" else min)(ranked, key=lambda cm: cm[1][metric])
+    latest = result.checkpoint
+    if best is None and latest is not None:
+        best, best_metrics = latest, dict(result.metrics or {})
+    history = []
+    if latest is not None:
+        with latest.as_directory() as directory:
+            payload = ckpt.read_payload(Path(directory) / ckpt.MODEL_FILE)
+        history = json.loads(payload.get("training_state", {}).get("history", "[]"))
+    run = RunResult(
+        path=str(out),
+        best_checkpoint=None if best is None else best.path,
+        latest_checkpoint=None if latest is None else latest.path,
+        metric=metric,
+        mode=mode,
+        best_metrics=_plain(best_metrics),
+        history=[_plain(h) for h in history],
+    )
+    info = {
+        "method": options.method,
+        "preset": options.preset,
+        "config": asdict(config),
+        "data": str(Path(options.data).resolve()),
+        "input_spec": spec.to_dict(),
+        "checkpoint": run.best_checkpoint,
+        **{k: v for k, v in run.to_dict().items() if k != "path"},
+    }
+    tmp = out / (ckpt.RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, out / ckpt.RUN_FILE)
+    return run
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
