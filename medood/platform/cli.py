@@ -186,7 +186,7 @@ def main() -> None:
         pass
     try:
         app()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         err.print(f"[red]error:[/red] {error}")
         sys.exit(2)
 

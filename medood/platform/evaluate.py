@@ -111,7 +111,7 @@ def evaluate(
 
     threshold, threshold_source = model.calibration.threshold, "checkpoint"
     val_counts = manifest["counts"].get("val", {})
-    if split != "val" and int(val_counts.get("0", 0)) and int(val_counts.get("1", 0)):
+    if split != "val" and int(val_counts.get("normal", 0)) and int(val_counts.get("abnormal", 0)):
         val = score_split(model, data, "val", batch_size=batch_size)
         y_val, s_val = val.arrays()
         known = y_val >= 0

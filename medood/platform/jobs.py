@@ -27,12 +27,22 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
             kwargs["include_dashboard"] = False
         kwargs["runtime_env"] = runtime_env()
         ray.init(**kwargs)
+    quiet_ray_data()
     return ray.cluster_resources()
+
+
+def quiet_ray_data() -> None:
+    """No per-operator progress bars or execution banners from Ray Data (medood shows its own progress)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
 
 
 def runtime_env() -> dict[str, Any]:
     """Environment for every Ray worker: W&B offline unless the user chose, no Ray Data progress spam."""
-    env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+    env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     for key in ("MEDOOD_API_TOKEN", "WANDB_API_KEY", "WANDB_DIR"):
         if key in os.environ:
             env[key] = os.environ[key]

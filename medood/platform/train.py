@@ -108,7 +108,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         "train": read_split(options.data, "train", spec, training=True, seed=seed, batch_size=4),
         "reference": read_split(options.data, "train", spec, training=False, batch_size=4),
     }
-    if sum(manifest["counts"].get("val", {}).values()):
+    if int(manifest["counts"].get("val", {}).get("total", 0)):
         datasets["val"] = read_split(options.data, "val", spec, training=False, batch_size=4)
 
     use_gpu = options.gpus_per_worker > 0
@@ -158,6 +158,9 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from medood.platform.jobs import quiet_ray_data
+
+    quiet_ray_data()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, loop["cpus_per_worker"]))
@@ -222,6 +225,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                     "stage_index": stage_index,
                     "train_samples": samples,
                     "epoch_time_s": time.perf_counter() - t0,
+                    "resumed_from_epoch": start.get("resumed_from_epoch", 0),
                     **{f"train_{k}": sums[k] / counts[k] for k in sums},
                 }
                 if rank != 0:
@@ -360,7 +364,7 @@ def validate(
 def _effective_metric(options: TrainOptions, manifest: dict[str, Any]) -> tuple[str, str]:
     """The checkpoint metric: the requested one, or ``val_loss`` when val has no labels to rank by."""
     val_counts = manifest["counts"].get("val", {})
-    labelled = int(val_counts.get("0", 0)) > 0 and int(val_counts.get("1", 0)) > 0
+    labelled = int(val_counts.get("normal", 0)) > 0 and int(val_counts.get("abnormal", 0)) > 0
     if options.metric in ("val_auroc", "val_ap") and not labelled:
         return "val_loss", "min"
     if options.mode not in ("min", "max"):

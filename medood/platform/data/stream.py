@@ -16,7 +16,6 @@ Output rows (and batches) hold:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from medood.platform.data.ingest import read_manifest
 from medood.platform.data.schema import SPLITS, decode_affine, decode_image, decode_mask
-
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -67,22 +65,14 @@ class InputSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def read_manifest(shards: str | Path) -> dict[str, Any]:
-    path = Path(shards) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest; expected a folder written by `medood ingest`")
-    return json.loads(path.read_text())
-
-
 def shard_paths(shards: str | Path) -> list[str]:
     manifest = read_manifest(shards)
-    return [str(Path(shards) / s["file"]) for s in manifest["shards"]]
+    return [str(Path(shards) / s["path"]) for s in manifest["shards"]]
 
 
 def split_count(shards: str | Path, split: str) -> int:
     """Rows (cases) in a split, from the manifest."""
-    counts = read_manifest(shards)["counts"].get(split, {})
-    return int(sum(counts.values()))
+    return int(read_manifest(shards)["counts"].get(split, {}).get("total", 0))
 
 
 def read_split(

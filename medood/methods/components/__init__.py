@@ -1,0 +1,1 @@
+"""Shared building blocks of the methods (pure PyTorch / numpy)."""

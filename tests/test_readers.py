@@ -1,0 +1,251 @@
+"""Readers: NIfTI to canonical RAS, DICOM files/series/multi-frame/compressed, 2D pictures."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, generate_uid
+
+from medood.platform.data.privacy import DICOM_META_WHITELIST
+from medood.platform.data.readers import (
+    UnsupportedFormatError,
+    group_dicom_files,
+    image_format,
+    read_dicom,
+    read_dicom_series,
+    read_image,
+    read_mask,
+    read_nifti,
+    read_picture,
+)
+
+
+def _dicom(name: str) -> pydicom.Dataset:
+    return pydicom.dcmread(get_testdata_file(name))
+
+
+# --- NIfTI -------------------------------------------------------------------------------------------
+
+
+def test_nifti_is_reoriented_to_canonical_ras_keeping_dtype(tmp_path: Path) -> None:
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    affine = np.diag([-2.0, 1.5, 3.0, 1.0])  # LAS: x flipped
+    affine[:3, 3] = [10.0, -5.0, 2.0]
+    path = tmp_path / "las.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+    image = read_nifti(path)
+
+    assert image.array.dtype == np.int16
+    assert image.array.shape == (4, 5, 6)
+    assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    np.testing.assert_array_equal(image.array, data[::-1])
+    assert image.spacing == pytest.approx((2.0, 1.5, 3.0))
+    # the same voxel maps to the same world point before and after reorientation
+    world_before = affine @ np.array([0, 1, 2, 1.0])
+    world_after = image.affine @ np.array([3, 1, 2, 1.0])
+    np.testing.assert_allclose(world_before, world_after)
+
+
+def test_nifti_uncompressed_float_and_uint8(tmp_path: Path) -> None:
+    for dtype in (np.float32, np.uint8):
+        data = (np.random.default_rng(0).random((3, 4, 2)) * 100).astype(dtype)
+        path = tmp_path / f"{np.dtype(dtype).name}.nii"
+        nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+        image = read_image(path)
+        assert image.array.dtype == dtype
+        np.testing.assert_array_equal(image.array, data)
+
+
+def test_nifti_mask_is_binary(tmp_path: Path) -> None:
+    labels = np.zeros((3, 3, 3), dtype=np.uint8)
+    labels[0, 0, 0], labels[1, 1, 1] = 2, 4
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "seg.nii.gz")
+    mask = read_mask(tmp_path / "seg.nii.gz")
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1} and mask.sum() == 2
+
+
+def test_truncated_nifti_raises(tmp_path: Path) -> None:
+    volume = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    for name in ("vol.nii.gz", "vol.nii"):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises((EOFError, OSError)):
+            read_nifti(path)
+
+
+# --- DICOM -------------------------------------------------------------------------------------------
+
+
+def test_ct_rescale_gives_int16_hounsfield_and_whitelisted_meta() -> None:
+    path = get_testdata_file("CT_small.dcm")
+    raw = _dicom("CT_small.dcm").pixel_array.astype(np.int32)
+
+    image = read_dicom(path)
+
+    assert image.array.dtype == np.int16
+    np.testing.assert_array_equal(image.array, raw - 1024)
+    assert image.spacing == pytest.approx(tuple(float(v) for v in _dicom("CT_small.dcm").PixelSpacing))
+    assert set(image.meta) <= set(DICOM_META_WHITELIST)
+    assert image.meta["Modality"] == "CT" and image.meta["RescaleIntercept"] == -1024
+    assert image.patient_id == "1CT1"  # for grouping only; never written
+
+
+def test_fractional_rescale_gives_float32(tmp_path: Path) -> None:
+    ds = _dicom("MR_small.dcm")
+    ds.RescaleSlope, ds.RescaleIntercept = 0.5, 1.25
+    ds.save_as(tmp_path / "mr.dcm")
+    image = read_image(tmp_path / "mr.dcm")
+    assert image.array.dtype == np.float32
+    np.testing.assert_allclose(image.array, ds.pixel_array * 0.5 + 1.25)
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    ds = _dicom("MR_small.dcm")
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "m1.dcm")
+    image = read_dicom(tmp_path / "m1.dcm")
+    raw = ds.pixel_array
+    np.testing.assert_array_equal(image.array, raw.max() + raw.min() - raw)
+    assert image.meta["inverted_monochrome1"] is True
+
+
+def _write_series(folder: Path, positions: list[float], uid: str | None = None) -> list[Path]:
+    """Slices of MR_small at z positions (file order deliberately not slice order); pixel = index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = _dicom("MR_small.dcm")
+    uid = uid or generate_uid()
+    paths = []
+    for index, z in enumerate(positions):
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-10.0, -20.0, z]
+        ds.PixelData = np.full((64, 64), index, dtype=np.int16).tobytes()
+        path = folder / f"slice{index}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def test_series_is_sorted_along_the_normal_with_ras_affine(tmp_path: Path) -> None:
+    paths = _write_series(tmp_path / "series", [6.0, 0.0, 9.0, 3.0])
+    units, failures = group_dicom_files(paths)
+    assert failures == [] and len(units) == 1 and units[0].is_series and len(units[0].files) == 4
+
+    volume = read_dicom_series(units[0].files)
+
+    assert volume.array.shape == (4, 64, 64) and volume.array.dtype == np.int16
+    assert [int(volume.array[k, 0, 0]) for k in range(4)] == [1, 3, 0, 2]  # z = 0, 3, 6, 9
+    ps = [float(v) for v in _dicom("MR_small.dcm").PixelSpacing]
+    assert volume.spacing == pytest.approx((3.0, ps[0], ps[1]))
+    assert volume.meta["n_files"] == 4 and volume.n_files == 4
+    # index (k, r, c) = (2, 0, 1) is z=6, one column along +x (LPS), i.e. RAS x = 10 - ps[1]
+    np.testing.assert_allclose(volume.affine @ [2, 0, 1, 1], [10.0 - ps[1], 20.0, 6.0, 1.0])
+
+
+def test_series_with_duplicate_positions_raises(tmp_path: Path) -> None:
+    paths = _write_series(tmp_path / "dup", [0.0, 0.0, 3.0])
+    with pytest.raises(ValueError, match="share one ImagePositionPatient"):
+        read_dicom_series(paths)
+
+
+def test_two_series_in_one_folder_and_radiographs_stay_apart(tmp_path: Path) -> None:
+    first = _write_series(tmp_path / "f", [0.0, 1.0])
+    second = [p.rename(p.with_name(f"b{p.name}")) for p in _write_series(tmp_path / "g", [0.0, 1.0, 2.0])]
+    moved = [shutil.move(p, tmp_path / "f" / p.name) for p in second]
+    radiograph = tmp_path / "f" / "cr.dcm"
+    ds = _dicom("MR_small.dcm")
+    del ds.ImagePositionPatient
+    ds.save_as(radiograph)
+    units, _ = group_dicom_files([*first, *map(Path, moved), radiograph])
+    sizes = sorted((len(u.files), u.is_series) for u in units)
+    assert sizes == [(1, False), (2, True), (3, True)]
+
+
+def test_multiframe_keeps_frames() -> None:
+    image = read_dicom(get_testdata_file("rtdose.dcm"))
+    assert image.array.shape == (15, 10, 10)
+
+
+def test_compressed_transfer_syntaxes_decode_with_installed_plugins() -> None:
+    lossless = read_dicom(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    np.testing.assert_array_equal(lossless.array, read_dicom(get_testdata_file("MR_small.dcm")).array)
+    j2k = read_dicom(get_testdata_file("JPEG2000.dcm"))
+    assert j2k.array.ndim == 2 and j2k.meta["TransferSyntaxUID"] == "1.2.840.10008.1.2.4.91"
+    rgb = read_dicom(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    assert rgb.array.shape == (100, 100) and rgb.array.dtype == np.uint8
+
+
+def test_undecodable_compressed_dicom_raises_with_reason(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="decode|JPEG"):
+        read_dicom(get_testdata_file("JPEG-lossy.dcm"))
+    ds = _dicom("MR_small.dcm")
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: no decoder installed
+    ds.PixelData = encapsulate([b"\x00" * 64])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "mpeg.dcm", enforce_file_format=True)
+    with pytest.raises(Exception, match="1.2.840.10008.1.2.4.100|MPEG"):
+        read_dicom(tmp_path / "mpeg.dcm")
+
+
+def test_truncated_dicom_raises() -> None:
+    with pytest.raises(ValueError, match="less than expected"):
+        read_dicom(get_testdata_file("MR_truncated.dcm"))
+
+
+def test_extensionless_dicom_is_detected(tmp_path: Path) -> None:
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "IM0001")
+    (tmp_path / "README").write_text("not an image")
+    assert image_format(tmp_path / "IM0001") == "dicom"
+    assert image_format(tmp_path / "README") is None
+    assert read_image(tmp_path / "IM0001").array.shape == (128, 128)
+
+
+# --- 2D pictures -------------------------------------------------------------------------------------
+
+
+def test_pictures_keep_8_and_16_bit_gray_and_convert_colour(tmp_path: Path) -> None:
+    gray8 = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    Image.fromarray(gray8, mode="L").save(tmp_path / "g8.png")
+    gray16 = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    rgb = np.zeros((3, 4, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "rgb.jpg", quality=100)
+    rgba = np.dstack([rgb, np.full((3, 4), 128, np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+
+    g8 = read_picture(tmp_path / "g8.png").array
+    g16 = read_picture(tmp_path / "g16.png").array
+    assert g8.dtype == np.uint8 and np.array_equal(g8, gray8)
+    assert g16.dtype == np.uint16 and np.array_equal(g16, gray16) and g16.max() > 255
+    for name in ("rgb.jpg", "rgba.png"):
+        gray = read_image(tmp_path / name).array
+        assert gray.shape == (3, 4) and gray.dtype == np.uint8
+        assert abs(int(gray.mean()) - 76) <= 3  # luma of pure red: 0.299 * 255
+
+
+def test_truncated_picture_and_unknown_format_raise(tmp_path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(
+        tmp_path / "a.png"
+    )
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError):
+        read_image(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UnsupportedFormatError, match=r"'\.txt'"):
+        read_image(tmp_path / "notes.txt")

@@ -1,0 +1,165 @@
+"""Integration: the Ray Train trainable, resume after a killed run, and evaluation (one local Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from medood.platform import checkpoint as ckpt
+from medood.platform.data.ingest import ingest
+from medood.platform.data.synthetic import synthesize
+from medood.platform.evaluate import evaluate, score_split
+from medood.platform.train import TrainOptions, train
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from medood.platform.jobs import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    layout = synthesize("digitanatomy", root / "raw", n_train=48, n_test=40, size=32, seed=0)
+    ingest(layout, root / "raw", root / "shards", seed=0, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("brain")
+    layout = synthesize("synthetic-brain", root / "raw", n_train=6, n_test=10, size=24, seed=0)
+    ingest(layout, root / "raw", root / "shards", seed=0, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def digit_run(ray_local, digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ae"
+    options = TrainOptions(
+        method="autoencoder", data=str(digits), out=str(out), preset="tiny",
+        overrides={"epochs": 2, "image_size": 32}, wandb=False,
+    )
+    return train(options)
+
+
+def test_train_reports_every_epoch_and_keeps_the_best(digit_run):
+    assert [h["epoch"] for h in digit_run.history] == [1, 2]
+    for h in digit_run.history:
+        assert {"train_loss", "val_loss", "val_auroc", "val_ap", "val_threshold"} <= set(h)
+    assert digit_run.metric == "val_auroc"
+    best = max(h["val_auroc"] for h in digit_run.history)
+    assert digit_run.best_metrics["val_auroc"] == pytest.approx(best)
+    run_json = json.loads((Path(digit_run.path) / "run.json").read_text())
+    assert run_json["checkpoint"] == digit_run.best_checkpoint
+
+    payload = torch.load(Path(digit_run.best_checkpoint) / "model.pt", weights_only=True)
+    assert payload["method"] == "autoencoder" and payload["config"]["epochs"] == 2
+    assert payload["calibration"]["fitted_on"] > 0  # fitted on normal training data
+    model = ckpt.load(digit_run.path)  # a run folder resolves to its best checkpoint
+    assert model.path == str(Path(digit_run.best_checkpoint) / "model.pt")
+
+
+def test_unknown_method_and_key_fail_before_ray_work(digits, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'autoencodr'; known: .*autoencoder"):
+        train(TrainOptions(method="autoencodr", data=str(digits), out=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="unknown config key.*'lr_'"):
+        train(TrainOptions(method="autoencoder", data=str(digits), out=str(tmp_path / "x"), overrides={"lr_": "1"}))
+
+
+def test_resume_after_killed_run(ray_local, digits, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "WANDB_MODE": "disabled"}
+    cmd = [
+        sys.executable, "-m", "medood.platform.cli", "train", "--method", "autoencoder", "--data", str(digits),
+        "--preset", "tiny", "--set", "epochs=3", "--set", "image_size=32", "--out", str(out), "--no-wandb",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("checkpoint_*/model.pt")):
+            assert proc.poll() is None, "training exited before its first checkpoint"
+            time.sleep(0.5)
+        assert list(out.glob("checkpoint_*/model.pt")), "no checkpoint within the time limit"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "run.json").exists()  # the run really was cut short
+    first = torch.load(next(out.glob("checkpoint_*/model.pt")), weights_only=True)
+    done_before_kill = first["training_state"]["global_epoch"]
+    assert 1 <= done_before_kill < 3
+
+    time.sleep(2)  # let Ray notice the dead driver and release its workers
+    result = train(
+        TrainOptions(
+            method="autoencoder", data=str(digits), out=str(out), preset="tiny",
+            overrides={"epochs": 3, "image_size": 32}, wandb=False,
+        )
+    )
+    epochs = [h["epoch"] for h in result.history]
+    assert epochs[-1] == 3 and epochs == sorted(set(epochs))  # every epoch once, none repeated
+    resumed = [h for h in result.history if h["resumed_from_epoch"] > 0]
+    assert resumed and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+
+
+def test_evaluate_matches_sklearn_and_writes_report(digit_run, digits, tmp_path):
+    out = tmp_path / "eval"
+    results = evaluate(digit_run.path, digits, split="test", out=out, n_bootstrap=100)
+    for name in ("report.md", "metrics.json", "roc.png", "pr.png"):
+        assert (out / name).is_file(), name
+    assert any(out.glob("overlay_abnormal_*.png")) and any(out.glob("overlay_normal_*.png"))
+    model = ckpt.load(digit_run.path)
+    scored = score_split(model, digits, "test")
+    y, s = scored.arrays()
+    assert set(y) == {0, 1}
+    sample = results["sample"]
+    assert sample["auroc"] == pytest.approx(skm.roc_auc_score(y, s))
+    assert sample["ap"] == pytest.approx(skm.average_precision_score(y, s))
+    t = results["threshold"]
+    assert sample["f1"] == pytest.approx(skm.f1_score(y, s >= t))
+    assert sample["accuracy"] == pytest.approx(skm.accuracy_score(y, s >= t))
+    assert results["pixel"]["n_cases"] > 0 and 0 <= results["pixel"]["ap"] <= 1
+    assert "| auroc |" in (out / "report.md").read_text()
+
+
+def test_3d_run_writes_a_mood_submission(ray_local, brain, tmp_path):
+    run = train(
+        TrainOptions(
+            method="autoencoder", data=str(brain), out=str(tmp_path / "ae3d"), preset="tiny3d",
+            overrides={"epochs": 1, "image_size": 16}, wandb=False,
+        )
+    )
+    mood = tmp_path / "mood"
+    evaluate(run.path, brain, split="test", out=tmp_path / "eval3d", mood_dir=mood, n_bootstrap=50)
+    pixel = sorted((mood / "pixel").glob("*.nii.gz"))
+    sample = sorted((mood / "sample").glob("*.nii.gz.txt"))
+    assert pixel and len(pixel) == len(sample)
+    toy = brain.parent / "raw" / "toy"
+    for path in pixel:
+        prediction = nib.load(path)
+        source = nib.as_closest_canonical(nib.load(toy / path.name))
+        assert prediction.shape == source.shape
+        np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-5)
+        values = np.asarray(prediction.dataobj)
+        assert values.min() >= 0.0 and values.max() <= 1.0
+    for path in sample:
+        assert 0.0 <= float(path.read_text()) <= 1.0
