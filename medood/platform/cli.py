@@ -60,7 +60,7 @@ def train_command(
         None, "--data-option", help="Input option: slice_axis, patch_size, min_foreground, ... (key=value)."
     ),
     workers: int = typer.Option(1, help="Ray Train workers."),
-    cpus_per_worker: int = typer.Option(1, help="CPUs per worker (also its torch threads)."),
+    cpus_per_worker: float = typer.Option(1.0, help="CPUs per worker (its torch threads: the integer part, at least 1)."),
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per worker; > 0 trains on GPU with bf16 autocast."),
     metric: str = typer.Option("val_auroc", help="Checkpoint metric (val_auroc, val_ap, val_loss)."),
     mode: str = typer.Option("max", help="max or min."),

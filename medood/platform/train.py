@@ -58,7 +58,7 @@ class TrainOptions:
     overrides: dict[str, Any] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     metric: str = "val_auroc"
     mode: str = "max"
@@ -119,7 +119,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         "val_every": max(1, int(options.val_every)),
         "calibration_samples": int(options.calibration_samples),
         "mixed_precision": use_gpu if options.mixed_precision is None else bool(options.mixed_precision),
-        "cpus_per_worker": int(options.cpus_per_worker),
+        "cpus_per_worker": float(options.cpus_per_worker),
         "shuffle_buffer": int(options.shuffle_buffer),
         "run_name": out.name,
         "wandb": _wandb_settings(options, out, config),
@@ -163,7 +163,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
     quiet_ray_data()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, loop["cpus_per_worker"]))
+    torch.set_num_threads(max(1, int(loop["cpus_per_worker"])))
     device = ray.train.torch.get_device()
     method_cls = methods.get(loop["method"])
     config = method_cls.make_config(None, loop["config"])

@@ -1,0 +1,80 @@
+"""The one preprocessing path (no Ray): slices, resizing, patches, transforms, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from monai.transforms import Compose, RandFlipd
+
+from medood.platform.data.stream import InputSpec, collate, prepare_sample, scale_intensity
+
+
+def volume(shape=(20, 24, 16)) -> tuple[np.ndarray, np.ndarray]:
+    image = np.zeros(shape, np.float32)
+    image[4:16, 4:20, 3:13] = 100.0
+    mask = np.zeros(shape, np.uint8)
+    mask[6:9, 6:9, 5:7] = 1
+    return image, mask
+
+
+def test_2d_view_of_a_volume_slices_along_the_axis_and_drops_background():
+    image, mask = volume()
+    spec = InputSpec(spatial_dims=2, image_size=32, slice_axis=2, min_foreground=0.05)
+    samples = prepare_sample(image, mask, 1, "case", spec)
+    indices = [int(s["id"].split(":")[1]) for s in samples]
+    assert indices == list(range(3, 13))  # background slices 0-2 and 13-15 left out
+    for s in samples:
+        assert s["image"].shape == (1, 32, 32) and s["mask"].shape == (1, 32, 32)
+        assert s["image"].min() >= 0 and s["image"].max() <= 1
+        assert s["label"] == int(s["mask"].any())  # slice label from its mask
+    assert {s["label"] for s in samples} == {0, 1}
+
+
+def test_3d_volume_is_resized_and_patches_are_random_only_when_training():
+    image, mask = volume()
+    spec = InputSpec(spatial_dims=3, image_size=16)
+    (whole,) = prepare_sample(image, mask, 1, "v", spec)
+    assert whole["image"].shape == (1, 16, 16, 16) and whole["label"] == 1
+    patch_spec = InputSpec(spatial_dims=3, image_size=16, patch_size=8, patches_per_volume=3)
+    rng = np.random.default_rng(0)
+    patches = prepare_sample(image, mask, 1, "v", patch_spec, rng=rng)
+    assert len(patches) == 3 and all(p["image"].shape == (1, 8, 8, 8) for p in patches)
+    assert len(prepare_sample(image, mask, 1, "v", patch_spec)) == 1  # evaluation: whole volume
+
+
+def test_preprocessing_is_deterministic_without_rng_and_transforms_apply_when_training():
+    image = np.random.default_rng(0).random((40, 30)).astype(np.float32)
+    spec = InputSpec(spatial_dims=2, image_size=16)
+    a = prepare_sample(image, None, 0, "x", spec)[0]["image"]
+    b = prepare_sample(image, None, 0, "x", spec)[0]["image"]
+    np.testing.assert_array_equal(a, b)
+    flip = Compose([RandFlipd(keys=["image", "mask"], prob=1.0, spatial_axis=0)])
+    flipped = prepare_sample(image, None, 0, "x", spec, rng=np.random.default_rng(0), transforms=flip)[0]["image"]
+    np.testing.assert_allclose(flipped, a[:, ::-1, :])
+
+
+def test_in_channels_repeat_gray():
+    spec = InputSpec(spatial_dims=2, image_size=8, in_channels=3)
+    (s,) = prepare_sample(np.ones((8, 8)), None, 0, "x", spec)
+    assert s["image"].shape == (3, 8, 8)
+
+
+def test_bad_inputs_are_named():
+    spec3 = InputSpec(spatial_dims=3, image_size=8)
+    with pytest.raises(ValueError, match="case7: a 3D method cannot take a 2D image"):
+        prepare_sample(np.ones((8, 8)), None, 0, "case7", spec3)
+    with pytest.raises(ValueError, match="mask shape"):
+        prepare_sample(np.ones((8, 8)), np.ones((4, 4)), 0, "m", InputSpec())
+    with pytest.raises(ValueError, match="expected a 2D image or a 3D volume"):
+        prepare_sample(np.ones((2, 2, 2, 2)), None, 0, "4d", InputSpec())
+    with pytest.raises(ValueError, match="unknown data option"):
+        InputSpec.from_config(type("C", (), {"spatial_dims": 2, "image_size": 8, "in_channels": 1})(), slice_axes=1)
+
+
+def test_intensity_scaling_and_collate():
+    x = np.linspace(0, 1000, 1001, dtype=np.float32)
+    y = scale_intensity(x, (0.5, 99.5))
+    assert y.min() == 0.0 and y.max() == 1.0
+    assert np.all(scale_intensity(np.full(5, 3.0), (0.5, 99.5)) == 0)
+    batch = collate(prepare_sample(np.ones((8, 8)), None, -1, "u", InputSpec(image_size=8)) * 2)
+    assert batch["image"].shape == (2, 1, 8, 8) and batch["label"].tolist() == [-1, -1]
