@@ -1,0 +1,478 @@
+"""SQUID: space-aware memory queues for in-painting and detecting anomalies in radiography images.
+
+Thesis: T. Xiang, "Deep Feature In-painting for Unsupervised Anomaly Detection in Radiography Images",
+Honours thesis, The University of Sydney, 2022 (also: Xiang et al., "Feature-level In-painting ..." / "In-
+painting Radiography Images for Unsupervised Anomaly Detection", ECCV 2022; code: github.com/tiangexiang/
+SQUID). Section numbers below are the thesis'; "appendix A" is /work/shared/notes/squid-thesis-003.md,
+which resolves the thesis' gaps against the public code.
+
+The image is cut into ``grid x grid`` patches, each encoded separately (E, Table 3.1). The student
+generator G_s reconstructs from in-painted features, the teacher G_t from the raw ones; a discriminator
+D judges the student's reconstructions. Implemented equations:
+
+    N_ij = sum_k G(w^k) M_ij^k,  w^k = F_ij . M_ij^k                           (3.1)  components/memory.py
+    G(w) = sg(hs(w, topk(w)) - phi(w)) + phi(w)                                 (3.2)  components/memory.py
+    F' = (1 - delta) F + delta inpaint(F),  delta ~ Bernoulli(rho)  (training)  (3.3)  components/inpainting.py
+    F' = inpaint(F)                                                 (inference) (3.4)
+    A = phi((D(G_s(E(I))) - mu) / sigma)                                        (3.5)  score, fit_reference
+    L_t = (I - G_t(E(I)))^2,  L_s = (I - G_s(E(I)))^2                            (3.6), (3.7)
+    L_dist = sum_{i=1..l} (F_t^i - F_s^i)^2                                      (3.8)
+    L_gen = log(1 - D(G_s(E(I))))                                                (3.9)
+    L_dis = log D(I) + log(1 - D(G_s(E(I))))                                     (3.10)
+    min over E, G_t, G_s: lambda_t L_t + lambda_s L_s + lambda_dist L_dist + lambda_gen L_gen   (3.11)
+    max over D: lambda_dis L_dis                                                 (3.12)
+    soft shortcut F' = (1 - rho) F + rho inpaint(F)                               (4.5)  ablation
+
+Training (§4.1.5): one stage, optimizer ``main`` (encoder, in-painting block, both generators) returns
+``loss`` every ``generator_period``-th iteration (2), optimizer ``discriminator`` returns
+``loss_discriminator`` every iteration, on detached reconstructions. The memory queue copies the
+encoder's (bottleneck) tokens once per training step and is never written elsewhere.
+
+Score (Eq. 3.5): the discriminator's logit on the student's reconstruction, standardised by the mean and
+standard deviation of the same logit on normal training images (``fit_reference``), through a sigmoid,
+and flipped so that higher = more anomalous: ``A = sigmoid((mu - D) / sigma)`` (D says "real" for normal
+images; the authors' code computes ``1 - sigmoid((D - mu) / sigma)``, appendix A). The thesis gives no
+pixel map (§5.1); ``map`` is the student's squared reconstruction error, the "naive extension" of §5.2.
+
+Choices where the thesis is silent or ambiguous (each also commented where it is made):
+
+- Gumbel shrinkage forward = softmax over the top-k similarities (§3.3.2; code, appendix A).
+- Queue: written every training iteration, discriminator-only ones included ("for each data batch ...
+  only once at each training step", §3.2.3); items are the bottleneck tokens (what is queried); reads
+  ignore slots not yet filled (the thesis does not say how an unfilled queue is read).
+- In-painting block: 1x1 bottleneck 1/4, 8 heads, FFN width D/4, residual on N_ij (code, appendix A);
+  missing neighbours are zero tokens masked out of the attention (§3.4.2 leaves borders open).
+- Generators mirror Table 3.2; skips (concatenated encoder features of the same level) and learnable
+  memories at the two deepest levels, patches merged after the last memory (§3.7). The teacher has the
+  same skips, detached with its input under stop-gradient (code, appendix A). The student's memories
+  have a masked shortcut with the same rho (code). Output: transposed convolution + sigmoid.
+- L_gen is the non-saturating form -log D(G_s(E(I))) (DCGAN [57]; the authors' code); losses are means;
+  L_dist sums per-level means and does not detach the teacher (code).
+- Adam with betas (0.5, 0.999) (DCGAN [57]; code); the thesis' weight decay for E and the generators,
+  none for D (code; with lambda_dis = 0.005 the decay would outweigh a confident D's gradient).
+  The contract has no scheduler hook, so the thesis' cosine decay to 2e-5 is left to the platform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit
+from torch import Tensor, nn
+
+from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, register
+from medood.methods.components.inpainting import (
+    AGGREGATORS,
+    MEMORIES,
+    SHORTCUTS,
+    InpaintingBlock,
+    masked_shortcut,
+)
+from medood.methods.components.memory import SHRINKAGES, SpaceAwareMemoryMatrix
+from medood.methods.components.reconstruction_scores import reconstruction_scores
+
+INPAINTING_LEVELS = ("feature", "pixel")
+LEAKY_RELU = ("leakyrelu", {"negative_slope": 0.2})
+
+
+@dataclass
+class Config(BaseConfig):
+    """Defaults are the thesis' ZhangLab setting (§3.7, §4.1.5), used for all its datasets."""
+
+    spatial_dims: int = 2
+    image_size: int = 128  # §4.1.5: all images resized to 128 x 128
+    in_channels: int = 1
+    batch_size: int = 16  # §4.1.5
+    epochs: int = 1000  # §4.1.5 (the authors' zhang_best config runs 200)
+    grid: int = 2  # §3.7, §4.4: 2 x 2 patches of 64 x 64
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # Tables 3.1-3.2, one stride-2 level each
+    discriminator_channels: tuple[int, ...] = (16, 32, 64, 128, 128)  # Table 3.3
+    memory_size: int = 200  # §4.4, Fig. 4.6: items per memory-queue region
+    memory_matrix_size: int = 200  # not in the thesis; the authors' mem_num_slots (appendix A)
+    top_k: int = 5  # §4.1.5: Gumbel shrinkage keeps the 5 most similar items
+    shrink_threshold: float = 0.0025  # shrinkage="hard" only: MemAE-style threshold (authors' code)
+    shortcut_probability: float = 0.95  # §4.1.5: rho of the masked shortcut
+    inpaint_bottleneck: int = 4  # channel reduction of the 1x1 convolutions (code; §3.4.2 gives none)
+    inpaint_heads: int = 8  # attention heads (code)
+    lambda_t: float = 0.01  # §4.1.5 loss weights
+    lambda_s: float = 10.0
+    lambda_dist: float = 0.001
+    lambda_gen: float = 0.005
+    lambda_dis: float = 0.005
+    lr: float = 1e-4  # §4.1.5, generator and discriminator
+    lr_discriminator: float = 1e-4
+    weight_decay: float = 1e-5  # §4.1.5, encoder and generators
+    # §4.1.5 names one weight decay for "our network"; the authors' code gives D none (appendix A). With
+    # lambda_dis = 0.005 a confident D's gradient is ~1e-6, below 1e-5 * w, so decay would wipe D out.
+    weight_decay_discriminator: float = 0.0
+    adam_betas: tuple[float, float] = (0.5, 0.999)  # DCGAN [57] / the authors' code
+    generator_period: int = 2  # §4.1.5: generators every second iteration, D every iteration
+    pixel_mask_probability: float = 0.25  # inpainting_level="pixel" only (§4.5)
+    # Ablation switches (Tables 4.4, 4.5 and §4.4's text); the defaults are full SQUID.
+    memory: str = "queue"  # "matrix": learnable memory instead of the queue (§4.4); "none": no memory
+    space_aware: bool = True  # False: one memory region shared by all cells ("w/o Space-aware Memory")
+    inpainting: bool = True  # False: the student decodes E(I) directly ("w/o In-painting Block")
+    inpainting_level: str = "feature"  # "pixel": zero 25% of input blocks instead (Table 4.5)
+    aggregator: str = "transformer"  # "conv": convolution instead of the Transformer layer (Table 4.5)
+    shortcut: str = "masked"  # "soft": Eq. 4.5 (Table 4.5); "none": no shortcut
+    shrinkage: str = "gumbel"  # "hard": fixed-threshold MemAE shrinkage; "none": plain softmax (Table 4.4)
+    teacher: bool = True  # False: no teacher, no L_t, no L_dist ("w/o Knowledge Distillation")
+    stop_gradient: bool = True  # False: the teacher's gradient reaches the encoder ("w/o Stop Gradient")
+    skip_connections: bool = True  # "w/o Skip Connection"
+    hierarchical_memory: bool = True  # "w/o Hierarchical Memory": no learnable memories in the student
+
+    def validate(self) -> None:
+        if self.spatial_dims != 2:
+            raise ValueError(f"squid is a 2D method (thesis §3.7); spatial_dims must be 2, got {self.spatial_dims}")
+        for name, value, known in (
+            ("memory", self.memory, MEMORIES),
+            ("inpainting_level", self.inpainting_level, INPAINTING_LEVELS),
+            ("aggregator", self.aggregator, AGGREGATORS),
+            ("shortcut", self.shortcut, SHORTCUTS),
+            ("shrinkage", self.shrinkage, SHRINKAGES),
+        ):
+            if value not in known:
+                raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+        if self.grid < 1 or self.image_size % self.grid:
+            raise ValueError(f"grid {self.grid} must be >= 1 and divide image_size {self.image_size}")
+        if len(self.channels) < 2:
+            raise ValueError(f"channels needs at least 2 levels, got {self.channels}")
+        patch, depth = self.image_size // self.grid, 2 ** len(self.channels)
+        if patch % depth:
+            raise ValueError(
+                f"the patch size {patch} (image_size / grid) must be divisible by 2**len(channels) = {depth}"
+            )
+        if self.image_size % 2 ** len(self.discriminator_channels):
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by 2**len(discriminator_channels) = "
+                f"{2 ** len(self.discriminator_channels)}"
+            )
+        if self.channels[-1] % self.inpaint_bottleneck:
+            raise ValueError(f"inpaint_bottleneck {self.inpaint_bottleneck} must divide channels[-1] {self.channels[-1]}")
+        token = self.channels[-1] // self.inpaint_bottleneck * (patch // depth) ** 2
+        if token % self.inpaint_heads or token < 4:
+            raise ValueError(f"inpaint_heads {self.inpaint_heads} must divide the token size {token} (>= 4)")
+        for name in ("memory_size", "memory_matrix_size", "top_k", "generator_period", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.shortcut_probability <= 1.0:
+            raise ValueError(f"shortcut_probability must be in [0, 1], got {self.shortcut_probability}")
+        if not 0.0 <= self.pixel_mask_probability < 1.0:
+            raise ValueError(f"pixel_mask_probability must be in [0, 1), got {self.pixel_mask_probability}")
+
+
+@register("squid")
+class Squid(AnomalyMethod):
+    Config = Config
+    presets = {
+        "paper": {},
+        # CPU tests and the demo (not the thesis): 64 x 64 input, a quarter of the channels, 32-item
+        # memories, and a 10x learning rate so that a few epochs already reconstruct.
+        "tiny": {
+            "image_size": 64, "batch_size": 16, "epochs": 10, "channels": (8, 16, 32, 64),
+            "discriminator_channels": (8, 16, 32, 64, 64), "memory_size": 32, "memory_matrix_size": 32,
+            "inpaint_heads": 4, "lr": 1e-3, "lr_discriminator": 1e-3,
+        },
+    }
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        c = config
+        patch = c.image_size // c.grid
+        sizes = [patch // 2 ** (level + 1) for level in range(len(c.channels))]  # per-patch map size per level
+        memory = dict(
+            regions=c.grid * c.grid if c.space_aware else 1,
+            shrinkage=c.shrinkage,
+            top_k=c.top_k,
+            threshold=c.shrink_threshold,
+        )
+        self.encoder = PatchEncoder(c.in_channels, c.channels)
+        self.inpainting = (
+            InpaintingBlock(
+                channels=c.channels[-1], grid=c.grid, feature_size=sizes[-1], bottleneck=c.inpaint_bottleneck,
+                heads=c.inpaint_heads, memory=c.memory, memory_size=c.memory_size, space_aware=c.space_aware,
+                shrinkage=c.shrinkage, top_k=c.top_k, shrink_threshold=c.shrink_threshold,
+                aggregator=c.aggregator, shortcut=c.shortcut, shortcut_probability=c.shortcut_probability,
+            )
+            if c.inpainting and c.inpainting_level == "feature"
+            else None
+        )
+        student_memory = {**memory, "size": c.memory_matrix_size} if c.hierarchical_memory else None
+        self.student = Generator(
+            c.in_channels, c.channels, sizes, c.grid, c.skip_connections, student_memory, c.space_aware,
+            c.shortcut_probability,
+        )
+        self.teacher = (
+            Generator(c.in_channels, c.channels, sizes, c.grid, c.skip_connections, None, c.space_aware, 1.0)
+            if c.teacher
+            else None
+        )
+        self.discriminator = Discriminator(c.in_channels, c.discriminator_channels, c.image_size)
+        # Eq. 3.5's mu and sigma (fit_reference); in the state dict so a checkpoint scores alone.
+        self.register_buffer("score_mean", torch.zeros(()))
+        self.register_buffer("score_std", torch.ones(()))
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.long), persistent=False)
+
+    # -- training ---------------------------------------------------------------------------
+
+    def stages(self) -> list[Stage]:
+        return [Stage("train", self.config.epochs)]
+
+    def configure_optimizers(self, stage: str) -> dict[str, torch.optim.Optimizer]:
+        c = self.config
+        generators = [p for name, p in self.named_parameters() if not name.startswith("discriminator.")]
+        return {
+            "main": torch.optim.Adam(generators, lr=c.lr, betas=c.adam_betas, weight_decay=c.weight_decay),
+            "discriminator": torch.optim.Adam(
+                self.discriminator.parameters(),
+                lr=c.lr_discriminator,
+                betas=c.adam_betas,
+                weight_decay=c.weight_decay_discriminator,
+            ),
+        }
+
+    def training_step(self, batch: Batch, stage: str) -> dict[str, Tensor]:
+        if stage != "train":
+            raise ValueError(f"unknown stage {stage!r} for method 'squid'; known: train")
+        c = self.config
+        image = self._image(batch)
+        generator_turn = int(self.iteration) % c.generator_period == 0
+        self.iteration += 1
+
+        # On discriminator-only iterations the reconstruction is only D's "fake" input: no graph needed.
+        with torch.set_grad_enabled(generator_turn and torch.is_grad_enabled()):
+            out = self.generate(image, with_teacher=generator_turn)
+        reconstruction = out["reconstruction"]
+
+        # Eqs. 3.10 / 3.12 as binary cross-entropies on logits, D every iteration, on detached fakes.
+        real_logit = self.discriminator(image)
+        fake_logit = self.discriminator(reconstruction.detach())
+        dis = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) + (
+            F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+        )
+        mse_student = F.mse_loss(reconstruction, image)  # Eq. 3.7
+        losses = {"loss_discriminator": c.lambda_dis * dis, "dis_adversarial": dis.detach()}
+
+        if generator_turn:
+            # Eq. 3.9, non-saturating: minimise -log D(G_s(E(I))) instead of log(1 - D(G_s(E(I)))).
+            gen_logit = self.discriminator(reconstruction)
+            gen = F.binary_cross_entropy_with_logits(gen_logit, torch.ones_like(gen_logit))
+            loss = c.lambda_s * mse_student + c.lambda_gen * gen
+            losses["gen_adversarial"] = gen.detach()
+            if self.teacher is not None:
+                mse_teacher = F.mse_loss(out["teacher_reconstruction"], image)  # Eq. 3.6
+                loss = loss + c.lambda_t * mse_teacher + c.lambda_dist * out["distillation"]
+                losses["mse_teacher"] = mse_teacher.detach()
+                losses["distillation"] = out["distillation"].detach()
+            losses["loss"] = loss  # Eq. 3.11
+        losses["mse_student"] = mse_student.detach()
+
+        # §3.2.3: copy this batch's encoder features into the queue, once per training step.
+        if self.inpainting is not None:
+            self.inpainting.write_memory(out["tokens"])
+        return losses
+
+    def generate(self, image: Tensor, with_teacher: bool = False) -> dict[str, Tensor]:
+        """E, the in-painting block and G_s (and G_t): reconstructions, L_dist and the queue's tokens."""
+        c = self.config
+        if self.training and c.inpainting_level == "pixel":
+            image = self._pixel_mask(image)
+        skips = self.encoder(to_patches(image, c.grid))  # per-patch features of every level
+        features = skips[-1]
+        out: dict[str, Tensor] = {}
+        if self.inpainting is not None:
+            inpainted, out["tokens"] = self.inpainting(features)
+        else:
+            inpainted = features
+        out["reconstruction"], student_levels = self.student(inpainted, skips)
+        if with_teacher and self.teacher is not None:
+            if c.stop_gradient:
+                # §3.1: no backpropagation between the teacher generator and the encoder.
+                skips = [s.detach() for s in skips]
+            out["teacher_reconstruction"], teacher_levels = self.teacher(skips[-1], skips)
+            # Eq. 3.8 over all generator levels; the teacher side is not detached (code, appendix A).
+            out["distillation"] = sum(
+                (F.mse_loss(s, t) for s, t in zip(student_levels, teacher_levels, strict=True)),
+                start=torch.zeros((), device=image.device),
+            )
+        return out
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fit_reference(self, batches: Iterable[Batch]) -> None:
+        """Eq. 3.5's mu and sigma: the discriminator's logits on the student's reconstructions of the
+        normal training images given (§3.5 says all of them; its footnote allows stopping early)."""
+        with _evaluating(self):
+            logits = [self.discriminator(self.generate(self._image(b))["reconstruction"]) for b in batches]
+        if not logits:
+            raise ValueError("fit_reference needs at least one batch of normal training images")
+        values = torch.cat(logits).flatten()
+        self.score_mean.copy_(values.mean())
+        self.score_std.copy_(values.std(unbiased=False).clamp_min(1e-6) if values.numel() > 1 else torch.ones(()))
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> Scores:
+        """Sample score: Eq. 3.5 flipped so that higher = more anomalous; map: the student's squared error."""
+        image = self._image(batch)
+        with _evaluating(self):
+            reconstruction = self.generate(image)["reconstruction"]
+            logit = self.discriminator(reconstruction).flatten()
+        sample = torch.sigmoid((self.score_mean - logit) / self.score_std)
+        return Scores(sample=sample, map=reconstruction_scores(image, reconstruction, "mse")[1])
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _image(self, batch: Batch) -> Tensor:
+        image = batch["image"]
+        c = self.config
+        expected = (c.in_channels, c.image_size, c.image_size)
+        if image.dim() != 4 or tuple(image.shape[1:]) != expected:
+            raise ValueError(f"squid expects images of shape (B, {', '.join(map(str, expected))}); got {tuple(image.shape)}")
+        return image
+
+    def _pixel_mask(self, image: Tensor) -> Tensor:
+        """Table 4.5's pixel-level in-painting: zero each block of (patch / 4)^2 pixels with probability p.
+
+        §4.5 says "parts of the input patches"; the block size is our choice.
+        """
+        block = max(1, self.config.image_size // self.config.grid // 4)
+        size = image.shape[-1] // block
+        keep = torch.rand(image.shape[0], 1, size, size, device=image.device) >= self.config.pixel_mask_probability
+        return image * F.interpolate(keep.to(image.dtype), scale_factor=block, mode="nearest")
+
+
+class PatchEncoder(nn.Module):
+    """E (Table 3.1): one stride-2 residual unit (conv-BN-ReLU x 2) per level, applied to each patch."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        widths = (in_channels, *channels)
+        self.levels = nn.ModuleList(
+            ResidualUnit(2, widths[i], widths[i + 1], strides=2, subunits=2, act="RELU", norm="BATCH")
+            for i in range(len(channels))
+        )
+
+    def forward(self, patches: Tensor) -> list[Tensor]:
+        features = []
+        for level in self.levels:
+            patches = level(patches)
+            features.append(patches)
+        return features
+
+
+class Generator(nn.Module):
+    """G_s / G_t (Table 3.2), from the deepest level up.
+
+    Each level upsamples the level below it (a stride-2 transposed convolution; the deepest level takes
+    the bottleneck features) and refines it with a residual unit. At the two deepest levels the encoder's
+    features of the same level are concatenated (skip) and, in the student, a space-aware learnable memory
+    with a masked shortcut follows ("S&M"); those levels work per patch, the patches are then merged into
+    one map (§3.7) and the output is a transposed convolution and a sigmoid (code).
+    ``forward`` returns the reconstruction and every level's features (for L_dist, Eq. 3.8).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: tuple[int, ...],
+        sizes: list[int],
+        grid: int,
+        skip_connections: bool,
+        memory: dict | None,
+        space_aware: bool,
+        shortcut_probability: float,
+    ) -> None:
+        super().__init__()
+        depth = len(channels)
+        self.grid, self.skip_connections, self.space_aware = grid, skip_connections, space_aware
+        self.shortcut_probability = shortcut_probability
+        self.patch_levels = 2  # Table 3.2: S&M at levels 4 and 3 (the two deepest)
+        self.ups = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        self.memories = nn.ModuleList()
+        for level in reversed(range(depth)):
+            deepest = level == depth - 1
+            self.ups.append(
+                nn.Identity()
+                if deepest
+                else Convolution(2, channels[level + 1], channels[level], strides=2, is_transposed=True, act="RELU", norm="BATCH")
+            )
+            patch_level = level >= depth - self.patch_levels
+            width = channels[level] * (2 if skip_connections and patch_level else 1)
+            self.blocks.append(ResidualUnit(2, width, channels[level], subunits=2, act="RELU", norm="BATCH"))
+            if memory is not None and patch_level:
+                self.memories.append(SpaceAwareMemoryMatrix(dim=channels[level] * sizes[level] ** 2, **memory))
+        self.output = Convolution(2, channels[0], in_channels, strides=2, is_transposed=True, conv_only=True)
+
+    def forward(self, features: Tensor, skips: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        levels = []
+        x = features
+        for index, (up, block) in enumerate(zip(self.ups, self.blocks, strict=True)):
+            x = up(x)
+            if self.skip_connections and index < self.patch_levels:
+                x = torch.cat([x, skips[-1 - index]], dim=1)
+            x = block(x)
+            if index < len(self.memories):
+                x = self._recall(self.memories[index], x)
+            levels.append(x)
+            if index == self.patch_levels - 1:
+                # §3.7: "after the last Memory Matrix, the feature patches are put back as a whole".
+                x = from_patches(x, self.grid)
+        return torch.sigmoid(self.output(x)), levels
+
+    def _recall(self, memory: SpaceAwareMemoryMatrix, x: Tensor) -> Tensor:
+        cells = self.grid * self.grid
+        queries = x.reshape(-1, cells if self.space_aware else 1, memory.dim)
+        recalled = memory(queries).reshape(x.shape)
+        # The student's memories carry their own masked shortcut in the authors' code (appendix A).
+        return masked_shortcut(x, recalled, "masked", self.shortcut_probability, self.training)
+
+
+class Discriminator(nn.Module):
+    """D (Table 3.3): 5x5 stride-2 convolutions with LeakyReLU(0.2), BN after the first (DCGAN [57];
+    kernel and activation from the authors' code), and a linear layer to one logit."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], image_size: int) -> None:
+        super().__init__()
+        widths = (in_channels, *channels)
+        self.features = nn.Sequential(
+            *(
+                Convolution(2, widths[i], widths[i + 1], strides=2, kernel_size=5, act=LEAKY_RELU, norm=None if i == 0 else "BATCH")
+                for i in range(len(channels))
+            )
+        )
+        side = image_size // 2 ** len(channels)
+        self.logit = nn.Linear(channels[-1] * side * side, 1)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.logit(self.features(image).flatten(1))
+
+
+def to_patches(image: Tensor, grid: int) -> Tensor:
+    """(B, C, H, W) -> (B * grid^2, C, H / grid, W / grid), each image's cells consecutive, row-major."""
+    b, c, h, w = image.shape
+    x = image.reshape(b, c, grid, h // grid, grid, w // grid).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b * grid * grid, c, h // grid, w // grid)
+
+
+def from_patches(patches: Tensor, grid: int) -> Tensor:
+    """Inverse of ``to_patches``."""
+    n, c, h, w = patches.shape
+    x = patches.reshape(n // (grid * grid), grid, grid, c, h, w).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n // (grid * grid), c, grid * h, grid * w)
+
+
+@contextmanager
+def _evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode (frozen BN statistics, no masked shortcut) for the block, then the caller's mode back."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
