@@ -13,6 +13,7 @@ paper's values. The platform (Ray Train, Tune, Serve, evaluation) only ever sees
   iteration" (SQUID updates its generators every second iteration). Each loss is back-propagated only
   into its own optimizer's parameters, so a discriminator loss never moves the generator.
   Other keys are logged as metrics.
+- ``configure_schedulers(stage, optimizers)``: optional per-epoch learning-rate schedulers.
 - ``fit_reference(batches)``: optional, run once on normal training data after training.
 - ``score(batch) -> Scores``: higher = more anomalous; ``map`` is per pixel / voxel, or ``None``.
 - ``to_checkpoint()`` / ``from_checkpoint()``: plain dict of tensors, strings and numbers, so it loads
@@ -126,6 +127,12 @@ class AnomalyMethod(nn.Module):
 
     def configure_optimizers(self, stage: str) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
+
+    def configure_schedulers(
+        self, stage: str, optimizers: dict[str, torch.optim.Optimizer]
+    ) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """Optional: learning-rate schedulers by optimizer name, stepped once per epoch (default: none)."""
+        return {}
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, Tensor]:
         raise NotImplementedError

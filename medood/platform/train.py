@@ -186,12 +186,16 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
             if stage_index < start["stage_index"]:
                 continue
             optimizers = model.configure_optimizers(stage.name)
+            schedulers = model.configure_schedulers(stage.name, optimizers)
             first_epoch = 0
             if stage_index == start["stage_index"]:
                 first_epoch = start["epoch_in_stage"]
                 for name, state in start["optimizers"].items():
                     if name in optimizers:
                         optimizers[name].load_state_dict(state)
+                for name, state in start["schedulers"].items():
+                    if name in schedulers:
+                        schedulers[name].load_state_dict(state)
             for epoch in range(first_epoch, stage.epochs):
                 _seed_everything(int(config.seed) + 1000 * global_epoch + rank)
                 t0 = time.perf_counter()
@@ -214,6 +218,8 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                     for key, value in losses.items():
                         sums[key] += float(value.detach())
                         counts[key] += 1
+                for scheduler in schedulers.values():
+                    scheduler.step()
                 global_epoch += 1
                 epoch_in_stage = epoch + 1
                 last_of_stage = epoch_in_stage == stage.epochs
@@ -241,6 +247,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                     "epoch_in_stage": epoch_in_stage if not last_of_stage else 0,
                     "global_epoch": global_epoch,
                     "optimizers": {n: o.state_dict() for n, o in optimizers.items()} if not last_of_stage else {},
+                    "schedulers": {n: sc.state_dict() for n, sc in schedulers.items()} if not last_of_stage else {},
                     "history": json.dumps(history),
                 }
                 with tempfile.TemporaryDirectory() as tmp:
@@ -395,14 +402,14 @@ def _maybe_shard(name: str) -> Any:
 
 
 def _restore(model: methods.AnomalyMethod, checkpoint: Any) -> dict[str, Any]:
-    start = {"stage_index": 0, "epoch_in_stage": 0, "global_epoch": 0, "optimizers": {}, "history": []}
+    start = {"stage_index": 0, "epoch_in_stage": 0, "global_epoch": 0, "optimizers": {}, "schedulers": {}, "history": []}
     if checkpoint is None:
         return start
     with checkpoint.as_directory() as directory:
         payload = ckpt.read_payload(Path(directory) / ckpt.MODEL_FILE)
     model.load_state_dict(payload["state_dict"])
     state = payload.get("training_state", {})
-    start.update({k: state[k] for k in ("stage_index", "epoch_in_stage", "global_epoch", "optimizers") if k in state})
+    start.update({k: state[k] for k in ("stage_index", "epoch_in_stage", "global_epoch", "optimizers", "schedulers") if k in state})
     start["history"] = json.loads(state.get("history", "[]"))
     start["resumed_from_epoch"] = start["global_epoch"]
     return start
