@@ -43,7 +43,7 @@ def quiet_ray_data() -> None:
 def runtime_env() -> dict[str, Any]:
     """Environment for every Ray worker: W&B offline unless the user chose, no Ray Data progress spam."""
     env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    for key in ("MEDOOD_API_TOKEN", "WANDB_API_KEY", "WANDB_DIR"):
+    for key in ("WANDB_API_KEY", "WANDB_DIR", "MEDOOD_SALT"):
         if key in os.environ:
             env[key] = os.environ[key]
     return {"env_vars": env}

@@ -171,6 +171,8 @@ def prepare_sample(
         raise ValueError(f"{case_id}: a 3D method cannot take a 2D image of shape {image.shape}")
     if mask is not None and mask.shape != image.shape:
         raise ValueError(f"{case_id}: mask shape {mask.shape} differs from image shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise ValueError(f"{case_id}: the image holds {int((~np.isfinite(image)).sum())} NaN or infinite values")
     image = scale_intensity(image, spec.intensity_percentiles)
     mask_f = None if mask is None else (np.asarray(mask) > 0).astype(np.float32)
 
@@ -246,13 +248,13 @@ def to_torch_batch(batch: dict[str, np.ndarray], device: Any = "cpu") -> dict[st
     import torch
 
     out: dict[str, Any] = {
-        "image": torch.as_tensor(np.ascontiguousarray(batch["image"]), dtype=torch.float32, device=device),
-        "label": torch.as_tensor(batch["label"], dtype=torch.int64, device=device),
+        "image": torch.as_tensor(_writable(batch["image"]), dtype=torch.float32, device=device),
+        "label": torch.as_tensor(_writable(batch["label"]), dtype=torch.int64, device=device),
         "id": [str(i) for i in batch["id"]],
     }
     if "mask" in batch:
-        out["mask"] = torch.as_tensor(np.ascontiguousarray(batch["mask"]), dtype=torch.float32, device=device)
-        out["has_mask"] = torch.as_tensor(batch["has_mask"], dtype=torch.bool, device=device)
+        out["mask"] = torch.as_tensor(_writable(batch["mask"]), dtype=torch.float32, device=device)
+        out["has_mask"] = torch.as_tensor(_writable(batch["has_mask"]), dtype=torch.bool, device=device)
     return out
 
 
@@ -275,6 +277,12 @@ def read_cases(shards: str | Path, split: str) -> dict[str, dict[str, Any]]:
             "label": _label(row["label"]),
         }
     return cases
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """Ray Data hands out read-only arrays; torch needs writable memory (copy only then)."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
 
 
 def _label(value: Any) -> int:
