@@ -160,8 +160,8 @@ def demo_command(
     console.print(f"\n[bold green]Demo report:[/bold green] {report}")
 
 
-def _register_optional_commands() -> None:
-    """Sweeps and serving add their commands here (they import Ray Tune / Serve only when used)."""
+def _register_sweep_and_serve_commands() -> None:
+    """`medood tune` and `medood serve` (their modules import Ray Tune / Serve only when a command runs)."""
     from medood.platform import serve, tune
 
     app.command("tune", help=tune.tune_command.__doc__)(tune.tune_command)
@@ -180,10 +180,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    try:
-        _register_optional_commands()
-    except ImportError:
-        pass
+    _register_sweep_and_serve_commands()
     try:
         app()
     except (ValueError, FileNotFoundError, FileExistsError) as error:

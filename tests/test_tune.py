@@ -1,0 +1,282 @@
+"""Sweeps (``medood.platform.tune``): plans are checked before Ray starts, results are written from the
+trials, and a real sweep on a local Ray (one per module) is interrupted and resumed without rerunning
+its finished trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from medood import methods
+from medood.platform import checkpoint as ckpt
+from medood.platform.data.ingest import ingest
+from medood.platform.data.synthetic import synthesize
+from medood.platform.tune import (
+    RESULTS_CSV,
+    RESULTS_MD,
+    PlacementGroupReaper,
+    SweepOptions,
+    default_max_concurrent,
+    make_plan,
+    param_space,
+    sweep,
+    trial_overrides,
+    tune_command,
+    write_results,
+)
+
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    layout = synthesize("digitanatomy", root / "raw", n_train=40, n_test=24, size=32, seed=0)
+    ingest(layout, root / "raw", root / "shards", seed=0, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from medood.platform.jobs import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+# -- plans: no Ray ----------------------------------------------------------------------------------
+
+
+def test_plan_runs_the_valid_settings_and_names_the_rest(digits, tmp_path):
+    plan = make_plan(
+        SweepOptions("squid", str(digits), ablation="patch_grid", preset="tiny", overrides={"epochs": "5"}), tmp_path / "s"
+    )
+    assert [s["label"] for s in plan["ablation"]["settings"]] == ["grid=1", "grid=2", "grid=4"]
+    assert [s["label"] for s in plan["skipped"]] == ["grid=8"]  # 64-pixel tiny images cannot be cut 8 x 8
+    assert "divisible" in plan["skipped"][0]["reason"]
+    assert plan["max_t"] == 5 and (plan["metric"], plan["mode"]) == ("val_auroc", "max")
+    assert plan["scheduler"] == "fifo"  # a paper's table trains every row to the end
+    assert param_space(plan) == {"setting": {"grid_search": ["grid=1", "grid=2", "grid=4"]}}
+    assert trial_overrides(plan, {"setting": "grid=4"}) == {"epochs": "5", "grid": 4}
+
+    repeated = make_plan(
+        SweepOptions("mae_classifier", str(digits), ablation="anomaly_measure", preset="tiny", samples=3,
+                     overrides={"mae_epochs": "2"}),
+        tmp_path / "m",
+    )
+    assert repeated["ablation"]["seeds"] == [0, 1, 2]
+    assert param_space(repeated)["seed"] == {"grid_search": [0, 1, 2]}
+    classifier_epochs = methods.get("mae_classifier").make_config("tiny").classifier_epochs
+    assert repeated["max_t"] == 2 + classifier_epochs  # the classifier stage counts; MSE/MAE/SSIM rows skip it
+    assert trial_overrides(repeated, {"setting": "SSIM", "seed": 2}) == {"mae_epochs": "2", "score": "ssim", "seed": 2}
+
+    space = make_plan(SweepOptions("autoencoder", str(digits), preset="tiny", samples=4), tmp_path / "a")
+    assert space["num_samples"] == 4 and space["max_t"] == methods.get("autoencoder").make_config("tiny").epochs
+    assert space["scheduler"] == "asha"
+    assert set(space["swept"]) == {"lr", "weight_decay", "batch_size", "num_res_units", "score"}
+    assert trial_overrides(space, {"lr": 0.01, "score": "mae"}) == {"lr": 0.01, "score": "mae"}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ablation": "nope"}, "unknown ablation 'nope' for method 'squid'; known: patch_grid, top_k"),
+        ({"ablation": "patch_grid", "overrides": {"grid": "2"}}, "--set grid clashes with what ablation"),
+        ({"overrides": {"bogus": "1"}}, r"unknown config key\(s\) 'bogus'.*valid keys:"),
+        ({"scheduler": "hyperband"}, "unknown scheduler 'hyperband'; known: asha, fifo"),
+        ({"scheduler": "asha", "grace_period": 9, "overrides": {"epochs": "5"}}, "grace_period 9 exceeds the runs' 5 epochs"),
+    ],
+)
+def test_bad_sweeps_fail_before_ray(digits, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan(SweepOptions("squid", str(digits), preset="tiny", **options), tmp_path / "s")
+
+
+def test_metric_follows_the_trainable_when_val_has_no_labels(digits, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = json.loads((digits / "manifest.json").read_text())
+    manifest["counts"]["val"] = {"normal": 5, "abnormal": 0, "unlabeled": 0, "total": 5}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    plan = make_plan(SweepOptions("autoencoder", str(shards), ablation="residual_units", preset="tiny"), tmp_path / "s")
+    assert (plan["metric"], plan["mode"]) == ("val_loss", "min")
+    manifest["counts"]["val"] = {"normal": 0, "abnormal": 0, "unlabeled": 0, "total": 0}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="the val split is empty"):
+        make_plan(SweepOptions("autoencoder", str(shards), preset="tiny"), tmp_path / "t")
+
+
+def test_trials_run_one_at_a_time_on_two_cpus():
+    plan = {"workers_per_trial": 1, "cpus_per_trial": 1, "gpus_per_trial": 0.0}
+    assert default_max_concurrent(plan, {"CPU": 2.0}) == 1  # Train worker + Ray Data take both CPUs
+    assert default_max_concurrent(plan, {"CPU": 16.0}) == 8
+    assert default_max_concurrent({**plan, "gpus_per_trial": 0.5}, {"CPU": 16.0, "GPU": 1.0}) == 2
+    assert default_max_concurrent({**plan, "cpus_per_trial": 4}, {"CPU": 2.0}) == 1
+
+
+def test_results_table_plots_and_best_from_trials(digits, tmp_path):
+    out = tmp_path / "sweep"
+    plan = make_plan(SweepOptions("squid", str(digits), ablation="extensive", preset="tiny", overrides={"epochs": 5}), out)
+    out.mkdir()
+
+    def trial(label: str, aurocs: list[float], status: str = "TERMINATED", error: str | None = None) -> dict:
+        trial_dir = out / f"t_{len(label)}_{label[:4]}"
+        history = []
+        for epoch, value in enumerate(aurocs, start=1):
+            checkpoint = trial_dir / "run" / f"checkpoint_{epoch}"
+            checkpoint.mkdir(parents=True)
+            (checkpoint / ckpt.MODEL_FILE).write_bytes(b"weights")
+            history.append({"epoch": epoch, "val_auroc": value, "val_ap": value / 2, "val_loss": 1 - value,
+                            "checkpoint_path": str(checkpoint), "time_this_iter_s": 10.0})
+        return {"trial": trial_dir.name, "trial_id": label, "trial_dir": str(trial_dir), "tune_status": status,
+                "config": {"setting": label}, "history": history, "error": error}
+
+    resumed = trial("Soft Masked Shortcut", [0.6, 0.7, 0.72, 0.74, 0.75])
+    # A resumed trial reports epoch 2 twice (before the interruption and again after): the last one counts.
+    resumed["history"].insert(1, {**resumed["history"][1], "val_auroc": 0.99})
+    trials = [
+        trial("Full SQUID", [0.7, 0.8, 0.85, 0.83, 0.84]),
+        trial("Convolution Layers", [0.5, 0.55]),  # stopped by ASHA after 2 of 5 epochs
+        trial("Pixel-level In-painting", [], status="ERROR", error="FloatingPointError: non-finite training loss"),
+        resumed,
+    ]
+    result = write_results(out, plan, trials)
+
+    statuses = {r["setting"]: (r["status"], r["epochs_run"], r["best_epoch"]) for r in result.trials}
+    assert statuses == {
+        "Convolution Layers": ("stopped early", 2, 2),
+        "Soft Masked Shortcut": ("complete", 5, 5),
+        "Pixel-level In-painting": ("error", 0, None),
+        "Full SQUID": ("complete", 5, 3),
+    }
+    assert result.trial_epochs == 12
+    csv_lines = (out / RESULTS_CSV).read_text().splitlines()
+    assert csv_lines[0].startswith("trial,status,setting,aggregator,inpainting_level,shortcut,epochs_run,best_epoch")
+    assert len(csv_lines) == 5
+
+    table = (out / RESULTS_MD).read_text()
+    assert "| Setting | AUROC | AP | epochs | paper AUROC |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "Setting" not in line]
+    assert [r.split(" | ")[0] for r in rows] == [  # the paper's order (Table 4.5)
+        "| Convolution Layers", "| Soft Masked Shortcut", "| Pixel-level In-painting", "| Full SQUID"
+    ]
+    assert "| Full SQUID | 0.850 | 0.425 | 5 | 0.876 |" in table
+    assert "FloatingPointError: non-finite training loss" in table
+
+    best = json.loads((out / ckpt.BEST_FILE).read_text())
+    assert best["setting"] == "Full SQUID" and best["epoch"] == 3 and best["metrics"]["val_auroc"] == 0.85
+    assert best["config"]["grid"] == 2 and best["config"]["image_size"] == 64  # the resolved tiny config
+    assert ckpt.resolve(out / ckpt.BEST_FILE) == Path(best["checkpoint"]) / ckpt.MODEL_FILE
+    for name in ("val_auroc_by_setting.png", "curves.png"):
+        assert (out / "plots" / name).read_bytes()[:4] == PNG
+
+
+# -- a real sweep on a local Ray -------------------------------------------------------------------
+
+
+def _interrupt_when(condition, finished: threading.Event) -> threading.Thread:
+    """SIGINT this process (Tune's Ctrl+C) once ``condition()`` holds, unless the sweep already ended."""
+
+    def watch() -> None:
+        while not finished.is_set():
+            if condition():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _trial_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if (p / "run").is_dir()) if out.is_dir() else []
+
+
+@pytest.mark.ray
+def test_reaper_frees_the_worker_groups_of_ended_trials_only(ray_local):
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    reaper = PlacementGroupReaper({"CPU": 1}, 1, {"memory": 2**20}, interval_s=3600, settle_s=0)
+    reaper.start()
+    leftover = placement_group([{"CPU": 1}])  # the workers' group of a trial Tune stopped
+    ray.get(leftover.ready())
+    reaper.reap()
+    trial = placement_group([{"memory": 2**20}])  # a running trial's driver ...
+    ray.get(trial.ready())
+    starting = placement_group([{"CPU": 1}])  # ... and its workers' group, still empty
+    ray.get(starting.ready())
+    assert reaper.reap() == [leftover.id.hex()]
+    table = ray.util.placement_group_table()
+    assert table[leftover.id.hex()]["state"] == "REMOVED" and table[starting.id.hex()]["state"] == "CREATED"
+    remove_placement_group(trial)  # the trial ends: after the sweep, nothing of it is left
+    reaper.stop(final=True, timeout_s=10)
+    assert ray.util.placement_group_table()[starting.id.hex()]["state"] == "REMOVED"
+
+
+@pytest.mark.ray
+def test_sweep_interrupted_then_resumed_keeps_finished_trials(ray_local, digits, tmp_path):
+    out = tmp_path / "sweep"
+    options = SweepOptions(
+        "autoencoder", str(digits), ablation="residual_units", preset="tiny", scheduler="fifo",
+        overrides={"epochs": "2", "image_size": "32"}, out=str(out), wandb=False,
+    )
+
+    def first_done_second_checkpointed() -> bool:
+        done = [d for d in _trial_dirs(out) if (d / "run" / ckpt.RUN_FILE).is_file()]
+        going = [d for d in _trial_dirs(out) if d not in done and list((d / "run").glob("checkpoint_*"))]
+        return len(done) == 1 and len(going) == 1
+
+    finished = threading.Event()
+    _interrupt_when(first_done_second_checkpointed, finished)
+    try:
+        first = sweep(options)
+    finally:
+        finished.set()
+    assert first.interrupted
+    assert sorted(r["status"] for r in first.trials) == ["complete", "unfinished"]
+    assert "**Interrupted**" in (out / RESULTS_MD).read_text()
+    done = next(Path(r["trial_dir"]) for r in first.trials if r["status"] == "complete")
+    paused = next(Path(r["trial_dir"]) for r in first.trials if r["status"] == "unfinished")
+    done_files = {p: p.stat().st_mtime_ns for p in (done / "run").rglob("*") if p.is_file()}
+    paused_epoch_1 = sorted((paused / "run").glob("checkpoint_*"))[0]
+
+    # `medood tune --resume` continues the sweep from its folder alone.
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    app.command("tune")(tune_command)
+    resumed = CliRunner().invoke(app, ["tune", "--resume", "--out", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "Ablation `residual_units`" in resumed.output
+
+    rows = (out / RESULTS_CSV).read_text().splitlines()
+    assert len(rows) == 3 and all(",complete," in r for r in rows[1:])
+    # The finished trial was not run again: not one of its files changed.
+    assert {p: p.stat().st_mtime_ns for p in (done / "run").rglob("*") if p.is_file()} == done_files
+    # The interrupted one went on from its own epoch-1 checkpoint instead of starting over.
+    run = json.loads((paused / "run" / ckpt.RUN_FILE).read_text())
+    assert [h["epoch"] for h in run["history"]] == [1, 2]
+    assert paused_epoch_1.is_dir()
+    assert max(h.get("resumed_from_epoch", 0) for h in run["history"]) == 1
+
+    best = json.loads((out / ckpt.BEST_FILE).read_text())
+    assert best["method"] == "autoencoder" and best["config"]["epochs"] == 2
+    assert ckpt.resolve(out / ckpt.BEST_FILE) == Path(best["checkpoint"]) / ckpt.MODEL_FILE
+    model = ckpt.load(out / ckpt.BEST_FILE)
+    assert model.name == "autoencoder" and model.method.config.num_res_units == best["config"]["num_res_units"]
+    for name in ("val_auroc_vs_num_res_units.png", "curves.png"):
+        assert (out / "plots" / name).read_bytes()[:4] == PNG
+    with pytest.raises(ValueError, match="already holds a sweep; pass --resume"):
+        sweep(options)
