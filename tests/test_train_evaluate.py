@@ -95,16 +95,18 @@ def test_resume_after_killed_run(ray_local, digits, tmp_path):
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(out.glob("checkpoint_*/model.pt")):
+        # Kill once Ray Train has registered a checkpoint (its snapshot file names it): a checkpoint
+        # folder that was written but not yet registered is, by Ray's design, not resumed from.
+        deadline = time.time() + 300
+        while time.time() < deadline and not _registered_checkpoints(out):
             assert proc.poll() is None, "training exited before its first checkpoint"
             time.sleep(0.5)
-        assert list(out.glob("checkpoint_*/model.pt")), "no checkpoint within the time limit"
+        assert _registered_checkpoints(out), "no checkpoint within the time limit"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "run.json").exists()  # the run really was cut short
-    first = torch.load(next(out.glob("checkpoint_*/model.pt")), weights_only=True)
+    first = torch.load(out / _registered_checkpoints(out)[0] / "model.pt", weights_only=True)
     done_before_kill = first["training_state"]["global_epoch"]
     assert 1 <= done_before_kill < 3
 
@@ -119,6 +121,15 @@ def test_resume_after_killed_run(ray_local, digits, tmp_path):
     assert epochs[-1] == 3 and epochs == sorted(set(epochs))  # every epoch once, none repeated
     resumed = [h for h in result.history if h["resumed_from_epoch"] > 0]
     assert resumed and resumed[0]["epoch"] == resumed[0]["resumed_from_epoch"] + 1
+
+
+def _registered_checkpoints(run: Path) -> list[str]:
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    return [r["checkpoint_dir_name"] for r in results if (run / r["checkpoint_dir_name"] / "model.pt").is_file()]
 
 
 def test_evaluate_matches_sklearn_and_writes_report(digit_run, digits, tmp_path):
