@@ -394,24 +394,16 @@ def write_results(
 def _summarise(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     """One results row: parameters, the metrics of the trial's best epoch, epochs, time, checkpoint."""
     metric, sign = plan["metric"], 1.0 if plan["mode"] == "max" else -1.0
-    by_epoch: dict[int, dict[str, Any]] = {}
-    wall = 0.0
-    for row in trial["history"]:
-        wall += _number(row.get("time_this_iter_s")) or 0.0
-        if _number(row.get("epoch")) is not None:
-            by_epoch[int(row["epoch"])] = row  # a resumed trial may report an epoch twice: keep the last
+    run_dir = Path(trial["trial_dir"]) / "run"
+    by_epoch, wall = _epochs(trial["history"], run_dir)
     history = [by_epoch[e] for e in sorted(by_epoch)]
     epochs_run = max(by_epoch, default=0)
     scored = [h for h in history if _number(h.get(metric)) is not None]
-    kept = [h for h in scored if h.get("checkpoint_path") and (Path(h["checkpoint_path"]) / ckpt.MODEL_FILE).is_file()]
+    kept = [h for h in scored if _has_checkpoint(h)]
     best_row = max(kept or scored, key=lambda h: sign * float(h[metric]), default=None)
     checkpoint = None
-    if best_row is not None and best_row in kept:
+    if best_row is not None and _has_checkpoint(best_row):
         checkpoint = str(Path(best_row["checkpoint_path"]).resolve())
-    else:
-        run_file = Path(trial["trial_dir"]) / "run" / ckpt.RUN_FILE
-        if run_file.is_file():
-            checkpoint = json.loads(run_file.read_text()).get("checkpoint")
     if trial["tune_status"] == "TERMINATED":
         status = "complete" if epochs_run >= plan["max_t"] else "stopped early"
     elif trial["tune_status"] == "ERROR":
@@ -441,6 +433,41 @@ def _summarise(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     row["curve"] = [(int(h["epoch"]), float(h[metric])) for h in scored]
     row["config"] = config
     return row
+
+
+def _epochs(reported: list[dict[str, Any]], run_dir: Path) -> tuple[dict[int, dict[str, Any]], float]:
+    """A trial's metrics per epoch, and the seconds Tune saw it train.
+
+    Mostly what Tune received. A trial can also train epochs Tune never hears of: after a stop or
+    an interruption its run goes on for a moment, and a resumed run then has nothing left to report.
+    The run's own record fills those in: ``run.json`` (written when the run ends) and the metrics in
+    its checkpoints.
+    """
+    by_epoch: dict[int, dict[str, Any]] = {}
+    run_file = run_dir / ckpt.RUN_FILE
+    if run_file.is_file():
+        for entry in json.loads(run_file.read_text()).get("history", []):
+            if _number(entry.get("epoch")) is not None:
+                by_epoch[int(entry["epoch"])] = dict(entry)
+    wall = 0.0
+    for row in reported:
+        wall += _number(row.get("time_this_iter_s")) or 0.0
+        if _number(row.get("epoch")) is not None:  # an epoch reported twice (resumed): the last counts
+            by_epoch[int(row["epoch"])] = {**by_epoch.get(int(row["epoch"]), {}), **row}
+    referenced = {str(Path(r["checkpoint_path"]).resolve()) for r in by_epoch.values() if _has_checkpoint(r)}
+    for folder in sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []:
+        if str(folder.resolve()) in referenced or not (folder / ckpt.MODEL_FILE).is_file():
+            continue
+        metrics = ckpt.read_payload(folder / ckpt.MODEL_FILE).get("metrics", {})
+        if _number(metrics.get("epoch")) is not None:
+            epoch = int(metrics["epoch"])
+            by_epoch[epoch] = {**metrics, **by_epoch.get(epoch, {}), "checkpoint_path": str(folder)}
+    return by_epoch, wall
+
+
+def _has_checkpoint(row: dict[str, Any]) -> bool:
+    path = row.get("checkpoint_path")
+    return bool(path) and (Path(path) / ckpt.MODEL_FILE).is_file()
 
 
 def _best(plan: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -691,7 +718,7 @@ class PlacementGroupReaper:
     worker bundles) is removed once it is older than every live trial's group (so the trial that
     made it has ended), no actor is placed in it, and no trial has ended for ``settle_s`` (by then
     the ended trial's controller is gone and cannot start new workers). ``stop(final=True)`` after
-    the sweep waits for the trials to go and removes whatever worker group is left.
+    the sweep removes whatever worker group is left.
     """
 
     def __init__(
@@ -731,12 +758,17 @@ class PlacementGroupReaper:
         self._thread.start()
 
     def stop(self, final: bool = True, timeout_s: float = 30.0) -> None:
-        """Stop watching; with ``final``, wait for the trials' groups to go, then remove every worker group left."""
+        """Stop watching; with ``final``, remove every worker group left (the sweep has ended).
+
+        At once, so that the workers of a trial Tune is still shutting down train no further, and
+        again once the trials' own groups are gone, for a group a dying controller made meanwhile.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         if not final:
             return
+        self.reap(final=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self._groups()[0]:
             time.sleep(0.5)
