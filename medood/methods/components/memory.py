@@ -81,7 +81,26 @@ def memory_read(
     return torch.einsum("brn,rnc->brc", weights, items)
 
 
-class SpaceAwareMemoryQueue(nn.Module):
+class _RegionMemory(nn.Module):
+    """What both memories share: ``regions`` banks of ``size`` items of width ``dim``, and their shrinkage."""
+
+    def __init__(
+        self,
+        regions: int,
+        size: int,
+        dim: int,
+        shrinkage: str = "gumbel",
+        top_k: int = 5,
+        threshold: float = 0.0025,
+    ) -> None:
+        super().__init__()
+        if shrinkage not in SHRINKAGES:
+            raise ValueError(f"unknown shrinkage {shrinkage!r}; known: {', '.join(SHRINKAGES)}")
+        self.regions, self.size, self.dim = regions, size, dim
+        self.shrinkage, self.top_k, self.threshold = shrinkage, top_k, threshold
+
+
+class SpaceAwareMemoryQueue(_RegionMemory):
     """One FIFO queue of ``size`` items per region (§3.2.3, Fig. 3.4c).
 
     ``write`` copies a batch of features into every region at the shared pointer and advances it,
@@ -98,11 +117,7 @@ class SpaceAwareMemoryQueue(nn.Module):
         top_k: int = 5,
         threshold: float = 0.0025,
     ) -> None:
-        super().__init__()
-        if shrinkage not in SHRINKAGES:
-            raise ValueError(f"unknown shrinkage {shrinkage!r}; known: {', '.join(SHRINKAGES)}")
-        self.regions, self.size, self.dim = regions, size, dim
-        self.shrinkage, self.top_k, self.threshold = shrinkage, top_k, threshold
+        super().__init__(regions, size, dim, shrinkage, top_k, threshold)
         self.register_buffer("items", torch.zeros(regions, size, dim))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
@@ -139,7 +154,7 @@ class SpaceAwareMemoryQueue(nn.Module):
         self.filled.copy_(torch.clamp(self.filled + count, max=self.size))
 
 
-class SpaceAwareMemoryMatrix(nn.Module):
+class SpaceAwareMemoryMatrix(_RegionMemory):
     """Learnable memory, one region of ``size`` items per grid cell (MemAE [15] made space-aware, §3.2.2).
 
     Items start uniform in +-1/sqrt(dim) like MemAE's; with Gumbel shrinkage the forward pass combines the
@@ -155,11 +170,7 @@ class SpaceAwareMemoryMatrix(nn.Module):
         top_k: int = 5,
         threshold: float = 0.0025,
     ) -> None:
-        super().__init__()
-        if shrinkage not in SHRINKAGES:
-            raise ValueError(f"unknown shrinkage {shrinkage!r}; known: {', '.join(SHRINKAGES)}")
-        self.regions, self.size, self.dim = regions, size, dim
-        self.shrinkage, self.top_k, self.threshold = shrinkage, top_k, threshold
+        super().__init__(regions, size, dim, shrinkage, top_k, threshold)
         bound = 1.0 / math.sqrt(dim)
         self.items = nn.Parameter(torch.empty(regions, size, dim).uniform_(-bound, bound))
 
