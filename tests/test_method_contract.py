@@ -2,21 +2,25 @@
 
 Registers, presets resolve, a training step on a tiny batch lowers the loss over a few steps,
 ``score`` has the right shapes, and a checkpoint round trip through ``torch.load(weights_only=True)``
-gives the same scores.
+gives the same scores, and validation (calibration, val metrics, val loss) changes no state.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import random
 
+import numpy as np
 import pytest
 import torch
 
 from medood import methods
 from medood.methods.base import AnomalyMethod, Stage
-from medood.platform.train import step_optimizers
+from medood.platform.train import fit_reference, step_optimizers, validate
 
 ALL = methods.names()
+TRAINABLE = [n for n in ALL if methods.get(n).trainable]
 
 
 def tiny(name: str) -> AnomalyMethod:
@@ -36,7 +40,8 @@ def batch_for(method: AnomalyMethod, n: int = 4) -> dict:
 
 
 def test_registry_lists_the_methods():
-    assert {"autoencoder", "squid", "mae_classifier"} <= set(ALL)
+    assert {"autoencoder", "squid", "mae_classifier", "pixel_mahalanobis", "voxel_zscore"} <= set(ALL)
+    assert {"pixel_mahalanobis", "voxel_zscore"}.isdisjoint(TRAINABLE)
     with pytest.raises(ValueError, match="unknown method 'nope'; known: .*autoencoder"):
         methods.get("nope")
 
@@ -54,7 +59,7 @@ def test_presets_resolve_and_unknown_keys_are_named(name):
         cls.make_config("huge")
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_training_steps_lower_the_loss(name):
     method = tiny(name)
     batch = batch_for(method)
@@ -109,3 +114,54 @@ def test_score_shapes_and_checkpoint_round_trip(name):
     again = restored.score(batch)
     torch.testing.assert_close(again.sample, method.score(batch).sample)
     assert restored.config == method.config
+
+
+class _Shard:
+    """Stands in for a Ray Data shard: ``iter_batches`` yields numpy batches as ``read_split`` does."""
+
+    def __init__(self, image: torch.Tensor, labels: list[int]) -> None:
+        self.image, self.labels = image.numpy(), np.asarray(labels, dtype=np.int64)
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+        for start in range(0, len(self.labels), batch_size):
+            stop = start + batch_size
+            ids = np.array([f"case{i}" for i in range(start, min(stop, len(self.labels)))], dtype=object)
+            yield {"image": self.image[start:stop], "label": self.labels[start:stop], "id": ids}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_validation_changes_no_state(name):
+    """Validation, calibration and scoring leave parameters, buffers, queues, counters, mode and RNGs as they were."""
+    method = tiny(name)
+    normal = batch_for(method, n=6)
+    val_image = torch.cat([normal["image"], batch_for(method, n=2)["image"].flip(-1) * 0.5])
+    method.train()
+    for stage in method.stages():  # train a little, so queues / EMA teachers / centres hold real values
+        optimizers = method.configure_optimizers(stage.name)
+        for _ in range(2):
+            step_optimizers(optimizers, method.training_step(normal, stage.name))
+    reference = _Shard(normal["image"], [0] * 6)
+    val = _Shard(val_image, [0] * 6 + [1] * 2)
+    fit_reference(method, reference, torch.device("cpu"), 4)
+    assert method.training, "fit_reference must restore the training mode"
+    stage = method.stages()[-1].name if method.stages() else None
+
+    before = copy.deepcopy(method.state_dict())
+    method.eval()
+    scores_before = method.score(normal)
+    method.train()
+    rng_before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    metrics, calibration = validate(method, reference, val, torch.device("cpu"), False, 4, 64, stage=stage)
+    assert method.training, "validate must restore the training mode"
+    assert torch.equal(torch.get_rng_state(), rng_before[0])
+    assert np.array_equal(np.random.get_state()[1], rng_before[1]) and random.getstate() == rng_before[2]
+    after = method.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{name}: validation changed {key}"
+    method.eval()
+    torch.testing.assert_close(method.score(normal).sample, scores_before.sample, rtol=0, atol=0)
+    assert "val_auroc" in metrics and 0.0 <= calibration.threshold <= 1.0
+    assert calibration.threshold_rule == "Youden's J"
+    if stage is not None:
+        assert np.isfinite(metrics["val_loss"])

@@ -26,7 +26,8 @@ def test_ranking_metrics_match_sklearn(data):
 
 def test_threshold_metrics_match_sklearn(data):
     y, s = data
-    t = M.choose_threshold(y, s)
+    t, rule = M.choose_threshold(y, s, "f1")
+    assert rule == "max F1"
     predicted = s >= t
     assert M.accuracy(y, s, t) == pytest.approx(skm.accuracy_score(y, predicted))
     assert M.f1(y, s, t) == pytest.approx(skm.f1_score(y, predicted))
@@ -76,3 +77,48 @@ def test_calibration_is_monotone_into_unit_interval(data):
     # monotone => ranking metrics are unchanged
     y, _ = data
     assert M.auroc(y, cal.sample(s)) == pytest.approx(M.auroc(y, s))
+
+
+def test_youden_threshold_maximises_sensitivity_plus_specificity(data):
+    y, s = data
+    t, rule = M.choose_threshold(y, s)
+    assert rule == "Youden's J"
+    j = M.sensitivity(y, s, t) + M.specificity(y, s, t) - 1
+    best = max(M.sensitivity(y, s, c) + M.specificity(y, s, c) - 1 for c in np.unique(s))
+    assert j == pytest.approx(best)
+    assert 0.0 < M.specificity(y, s, t) < 1.0
+
+
+def test_specificity_rule_keeps_the_target_share_of_normals_below():
+    rng = np.random.default_rng(3)
+    normals = rng.normal(size=400)
+    t, rule = M.choose_threshold(np.zeros(400), normals, "specificity")
+    assert "95% specificity on 400 normal cases" == rule
+    assert M.specificity(np.zeros(400), normals, t) >= 0.95
+    assert (normals >= t).sum() <= 20
+    # a single class in the labels (no anomalies on val) always uses this rule
+    assert M.choose_threshold(np.zeros(400), normals, "youden") == (t, rule)
+
+
+def test_f1_rule_never_calls_every_case_abnormal():
+    # Barely separated classes with many anomalies: max F1 sits at "everything abnormal".
+    rng = np.random.default_rng(4)
+    y = np.r_[np.zeros(30), np.ones(170)].astype(int)
+    s = rng.normal(size=200) + 0.05 * y
+    precision, recall, thresholds = skm.precision_recall_curve(y, s)
+    f1_all = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    assert thresholds[np.argmax(f1_all)] == s.min()  # the trap the fallback avoids
+    t, rule = M.choose_threshold(y, s, "f1")
+    assert rule.startswith("Youden")
+    assert M.specificity(y, s, t) > 0.0
+    with pytest.raises(ValueError, match="unknown threshold rule 'best'; known: youden, specificity, f1"):
+        M.choose_threshold(y, s, "best")
+
+
+def test_calibration_keeps_far_tail_order():
+    # Anomalies scoring 50-1000 standard deviations above the normals stay distinct and ordered.
+    cal = Calibration.fit(np.random.default_rng(0).normal(size=100))
+    far = np.array([50.0, 100.0, 400.0, 1000.0])
+    mapped = cal.sample(far)
+    assert (np.diff(mapped) > 0).all() and (mapped < 1.0).all()
+    assert cal.sample(np.array([cal.sample_mean]))[0] == pytest.approx(0.5)

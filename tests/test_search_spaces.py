@@ -11,7 +11,7 @@ import yaml
 from medood import methods
 from medood import search_spaces as spaces
 
-ALL = methods.names()
+ALL = [n for n in methods.names() if methods.get(n).trainable]  # the training-free floors have nothing to tune
 
 
 def fields_of(name: str) -> list[str]:

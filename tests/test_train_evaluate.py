@@ -152,28 +152,65 @@ def test_evaluate_matches_sklearn_and_writes_report(digit_run, digits, tmp_path)
     assert "| auroc |" in (out / "report.md").read_text()
 
 
-def test_3d_run_writes_a_mood_submission(ray_local, brain, tmp_path):
+@pytest.mark.parametrize(
+    "method, preset, overrides, data_options",
+    [
+        ("autoencoder", "tiny3d", {"epochs": 1, "image_size": 16}, {}),  # 3D: maps in model space, resized back
+        ("autoencoder", "tiny", {"epochs": 1, "image_size": 16}, {"slice_axis": 2}),  # 2D on 3D: slices stacked
+        ("voxel_zscore", "tiny", {"image_size": 16}, {}),  # training-free floor: fitted, validated, checkpointed once
+    ],
+    ids=["3d", "2d-slices", "floor"],
+)
+def test_mood_submission_and_the_reports_voxel_ap_agree(
+    ray_local, brain, tmp_path, capsys, method, preset, overrides, data_options
+):
     run = train(
         TrainOptions(
-            method="autoencoder", data=str(brain), out=str(tmp_path / "ae3d"), preset="tiny3d",
-            overrides={"epochs": 1, "image_size": 16}, wandb=False,
+            method=method, data=str(brain), out=str(tmp_path / "run"), preset=preset,
+            overrides=overrides, data_options=data_options, wandb=False,
         )
     )
+    printed = capsys.readouterr().out
+    if method == "voxel_zscore":
+        assert [h["epoch"] for h in run.history] == [0] and "fit (no training)" in printed
+    else:
+        assert "[run] epoch 1/1  train  loss " in printed and "val_auroc" in printed and "eta 0 s" in printed
+    assert "INFO" not in printed and "WARNING" not in printed
     mood = tmp_path / "mood"
-    evaluate(run.path, brain, split="test", out=tmp_path / "eval3d", mood_dir=mood, n_bootstrap=50)
+    results = evaluate(run.path, brain, split="test", out=tmp_path / "eval", mood_dir=mood, n_bootstrap=50)
     pixel = sorted((mood / "pixel").glob("*.nii.gz"))
     sample = sorted((mood / "sample").glob("*.nii.gz.txt"))
-    assert pixel and len(pixel) == len(sample)
-    toy = brain.parent / "raw" / "toy"
+    assert pixel and len(pixel) == len(sample) == results["case" if data_options else "sample"]["n"]
+    raw = brain.parent / "raw"
+    masks, maps = [], []
     for path in pixel:
         prediction = nib.load(path)
-        source = nib.as_closest_canonical(nib.load(toy / path.name))
+        source = nib.as_closest_canonical(nib.load(raw / "toy" / path.name))
         assert prediction.shape == source.shape
         np.testing.assert_allclose(prediction.affine, source.affine, atol=1e-5)
         values = np.asarray(prediction.dataobj)
         assert values.min() >= 0.0 and values.max() <= 1.0
+        label_file = raw / "toy_label" / "pixel" / path.name
+        truth = np.asarray(nib.as_closest_canonical(nib.load(label_file)).dataobj) if label_file.exists() else None
+        masks.append(np.zeros(values.shape, bool) if truth is None else truth > 0)
+        maps.append(values)
     for path in sample:
         assert 0.0 <= float(path.read_text()) <= 1.0
+    # The challenge's voxel AP: every voxel of every case, from the files written, as MOOD scores them.
+    expected = skm.average_precision_score(np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps]))
+    assert results["pixel"]["ap"] == pytest.approx(expected, rel=1e-5)
+    assert results["pixel"]["n_voxels"] == sum(m.size for m in masks)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert f"| AP | {results['pixel']['ap']:.4f} |" in report
+    # per anomaly type: every abnormal test case's type from the generator, each against all normals
+    generated = json.loads((raw / "generation.json").read_text())
+    kinds = {c["anomaly"] for c in generated["cases"] if c.get("role") == "test" and c["label"] == 1}
+    rows = (tmp_path / "eval" / "scores.csv").read_text().splitlines()
+    assert rows[0] == "id,label,anomaly,score,predicted_abnormal" and len(rows) == len(sample) + 1
+    test_types = [r.split(",")[2] for r in rows[1:] if r.split(",")[1] == "1"]
+    assert test_types and set(test_types) <= kinds  # the test split holds some of the generated types
+    assert {k: v["n"] for k, v in results["per_type"].items()} == {k: test_types.count(k) for k in set(test_types)}
+    assert "## Per anomaly type" in report
 
 
 def test_streaming_slices_patches_and_raw_arrays(ray_local, brain):

@@ -6,16 +6,21 @@ paper's values. The platform (Ray Train, Tune, Serve, evaluation) only ever sees
 - ``Config``: dataclass of hyperparameters; ``presets`` maps names (``paper``, ``tiny``, ...) to dicts
   of overrides. Every method's config has ``spatial_dims``, ``image_size`` and ``in_channels`` (what
   the data pipeline must feed it) plus ``batch_size`` and ``seed``.
-- ``stages()``: the ordered training phases, each with its epochs.
+- ``stages()``: the ordered training phases, each with its epochs. A training-free method (the
+  reference floors) returns none, sets ``trainable = False`` and fits everything in ``fit_reference``.
 - ``configure_optimizers(stage)``: ``{optimizer_name: torch.optim.Optimizer}`` for one stage.
 - ``training_step(batch, stage)``: a dict of losses. The optimizer named ``main`` minimises ``loss``;
   any other optimizer ``k`` minimises ``loss_k``. A missing key means "do not step that optimizer this
   iteration" (SQUID updates its generators every second iteration). Each loss is back-propagated only
   into its own optimizer's parameters, so a discriminator loss never moves the generator.
-  Other keys are logged as metrics.
+  Other keys are logged as metrics. In eval mode (``not self.training``; the platform's validation,
+  under ``torch.no_grad``) it computes the same losses as a validation loss and must change no state:
+  no queue, memory, counter, centre, EMA or running-statistics update.
 - ``configure_schedulers(stage, optimizers)``: optional per-epoch learning-rate schedulers.
-- ``fit_reference(batches)``: optional, run once on normal training data after training.
+- ``fit_reference(batches)``: optional, run on normal training data (known anomalies removed) before
+  each validation, in eval mode; the one place besides training where state may change.
 - ``score(batch) -> Scores``: higher = more anomalous; ``map`` is per pixel / voxel, or ``None``.
+  Scoring never changes state.
 - ``to_checkpoint()`` / ``from_checkpoint()``: plain dict of tensors, strings and numbers, so it loads
   with ``torch.load(weights_only=True)``.
 
@@ -73,6 +78,7 @@ class AnomalyMethod(nn.Module):
     """Base class of every registered method."""
 
     name: ClassVar[str] = ""
+    trainable: ClassVar[bool] = True  # False: no stages; fitted in fit_reference only
     Config: ClassVar[type] = BaseConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "tiny": {}}
 

@@ -4,8 +4,8 @@ A checkpoint is a folder holding ``model.pt``: the method's own checkpoint (name
 state dict; see ``medood.methods.base``) plus what the platform needs to score with it:
 
 - ``calibration``: the monotone map of raw scores to [0, 1] fitted on normal training data
-  (``sigmoid((raw - mean) / std)``) for samples and for maps, and the decision threshold chosen on
-  the validation split in that [0, 1] space. The MOOD writer, ``evaluate`` and serving share it.
+  (``0.5 * (1 + z / (1 + |z|))`` of ``z = (raw - mean) / std``) for samples and for maps, and the
+  decision threshold chosen on the validation split in that [0, 1] space, with the rule that chose it. The MOOD writer, ``evaluate`` and serving share it.
 - ``input_spec``: how cases were preprocessed (``InputSpec``), so serving does exactly the same.
 - ``metrics``: validation metrics when the checkpoint was written.
 - ``training_state``: stage, epoch and optimizer states, for resuming a run.
@@ -46,6 +46,7 @@ class Calibration:
     map_mean: float = 0.0
     map_std: float = 1.0
     threshold: float = 0.5
+    threshold_rule: str = "none"  # how ``threshold`` was chosen (``metrics.choose_threshold``'s sentence)
     fitted_on: int = 0  # normal training samples the statistics came from
 
     @staticmethod
@@ -64,10 +65,10 @@ class Calibration:
         return cal
 
     def sample(self, raw: np.ndarray | torch.Tensor) -> np.ndarray:
-        return _sigmoid((_numpy(raw) - self.sample_mean) / self.sample_std)
+        return _unit_interval((_numpy(raw) - self.sample_mean) / self.sample_std)
 
     def map(self, raw: np.ndarray | torch.Tensor) -> np.ndarray:
-        return _sigmoid((_numpy(raw) - self.map_mean) / self.map_std)
+        return _unit_interval((_numpy(raw) - self.map_mean) / self.map_std)
 
 
 @dataclass
@@ -159,8 +160,16 @@ def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))).astype(np.float64)
+def _unit_interval(z: np.ndarray) -> np.ndarray:
+    """Strictly increasing map of the real line onto (0, 1), 0.5 at the normal mean.
+
+    A softsign rather than a sigmoid: a sigmoid rounds every score more than ~37 standard deviations
+    above the normal mean to exactly 1.0, which ties clearly abnormal cases (reconstruction errors of
+    anomalies are often that far out) and would make AUROC and thresholds computed on calibrated
+    scores differ from those on raw scores. The softsign's tail decays like 1/z, so order survives.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    return 0.5 * (1.0 + z / (1.0 + np.abs(z)))
 
 
 def _is_number(value: Any) -> bool:

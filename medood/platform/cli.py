@@ -67,6 +67,9 @@ def train_command(
     out: Path = typer.Option(None, help="Run folder (default runs/<method>); an existing run resumes."),
     max_failures: int = typer.Option(1, help="Worker restarts from the latest checkpoint."),
     no_wandb: bool = typer.Option(False, "--no-wandb", help="Turn Weights & Biases logging off."),
+    threshold_rule: str = typer.Option(
+        "youden", help="How the val split sets the decision threshold: youden, specificity (95% on normals) or f1."
+    ),
 ) -> None:
     """Train a method with Ray Train on streamed shards; resumes when the run folder exists."""
     from medood.platform.jobs import ensure_ray
@@ -86,6 +89,7 @@ def train_command(
         mode=mode,
         max_failures=max_failures,
         wandb=not no_wandb,
+        threshold_rule=threshold_rule,
     )
     options.resolved_config()  # fail fast on unknown method / keys, before Ray starts
     ensure_ray()
@@ -103,11 +107,16 @@ def evaluate_command(
     out: Path = typer.Option(Path("runs/eval"), help="Folder for report.md, metrics.json and plots."),
     mood: Path = typer.Option(None, "--mood", help="Also write the MOOD submission layout here."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95% intervals."),
+    threshold_rule: str = typer.Option(
+        None, help="Re-choose the threshold on the val split by this rule (youden, specificity, f1); default: the checkpoint's."
+    ),
 ) -> None:
     """Evaluate a checkpoint: sample and pixel metrics, MOOD submission, report with plots."""
     from medood.platform.evaluate import evaluate
 
-    results = evaluate(checkpoint, data, split=split, out=out, mood_dir=mood, n_bootstrap=bootstrap)
+    results = evaluate(
+        checkpoint, data, split=split, out=out, mood_dir=mood, n_bootstrap=bootstrap, threshold_rule=threshold_rule
+    )
     console.print(f"[green]report[/green] {out / 'report.md'}")
     _print_metrics({f"sample_{k}": v for k, v in results["sample"].items() if isinstance(v, float)})
 

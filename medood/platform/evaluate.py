@@ -2,16 +2,22 @@
 
 ``evaluate(model_ref, data, split="test", out=...)``:
 
-- sample level: AUROC, AP, and accuracy / F1 / sensitivity / specificity at the threshold chosen on
-  the val split (F1-optimal; the checkpoint's own threshold when val has no labels), with 95%
-  percentile-bootstrap intervals;
-- pixel / voxel level, for methods with maps and cases with masks: AP and best Dice;
+- sample level: AUROC, AP, and accuracy / F1 / sensitivity / specificity at the checkpoint's
+  threshold (chosen on the val split during training by its rule, Youden's J by default;
+  ``threshold_rule`` re-chooses it on val), with 95% percentile-bootstrap intervals;
 - 2D methods on volumes score slices; those are also pooled per volume (max over slices) and
-  reported as ``case_*`` metrics;
+  reported as ``case`` metrics;
+- per anomaly type (when the shards record it, as the embedded data sets do): case-level AUROC of
+  that type's cases against all normal cases, and its voxel AP;
+- pixel / voxel level, for methods with maps: AP and best Dice over every voxel of every case in the
+  input's own space, pooled as the MOOD challenge scores them (normal cases count with empty
+  masks). They are computed on exactly the maps the MOOD submission holds (``case_maps``), for 2D
+  methods on volumes too (slice maps resized to the input's plane and stacked);
 - ``mood_dir``: the MOOD submission layout, ``pixel/<case>.nii.gz`` (values in [0, 1], the input
   case's shape and affine) and ``sample/<case>.nii.gz.txt`` (one value in [0, 1]); raw scores are
-  mapped to [0, 1] by the checkpoint's calibration, a monotone sigmoid, as serving does;
-- ``report.md``, ``metrics.json``, ROC and PR curves, and overlays of maps on a few cases.
+  mapped to [0, 1] by the checkpoint's calibration (a strictly monotone map), as serving does;
+- ``report.md``, ``metrics.json``, ``scores.csv`` (one row per case), ROC and PR curves, and
+  overlays of maps on a few cases.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def evaluate(
     n_bootstrap: int = 1000,
     n_overlays: int = 3,
     batch_size: int = 16,
+    threshold_rule: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint / run / best.json on a split; writes report.md, metrics.json and plots."""
     from medood.platform.jobs import ensure_ray
@@ -107,21 +114,18 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = ckpt.load(model_ref)
-    manifest = read_manifest(data)
-
-    threshold, threshold_source = model.calibration.threshold, "checkpoint"
-    val_counts = manifest["counts"].get("val", {})
-    if split != "val" and int(val_counts.get("normal", 0)) and int(val_counts.get("abnormal", 0)):
-        val = score_split(model, data, "val", batch_size=batch_size)
-        y_val, s_val = val.arrays()
+    threshold, threshold_source = model.calibration.threshold, f"checkpoint: {model.calibration.threshold_rule}"
+    if threshold_rule is not None:
+        if threshold_rule not in M.THRESHOLD_RULES:
+            raise ValueError(f"unknown threshold rule {threshold_rule!r}; known: {', '.join(M.THRESHOLD_RULES)}")
+        if not int(read_manifest(data)["counts"].get("val", {}).get("total", 0)):
+            raise ValueError(f"{data}: no val split to choose a threshold on; drop --threshold-rule to use the checkpoint's")
+        y_val, s_val = score_split(model, data, "val", batch_size=batch_size).arrays()
         known = y_val >= 0
-        if M.has_both_classes(y_val[known]):
-            threshold, threshold_source = M.choose_threshold(y_val[known], s_val[known]), "val split (max F1)"
+        threshold, rule = M.choose_threshold(y_val[known], s_val[known], threshold_rule)
+        threshold_source = f"val split: {rule}"
 
-    needs_volume_maps = mood_dir is not None
-    scored = score_split(
-        model, data, split, batch_size=batch_size, keep_maps=needs_volume_maps, keep_images=n_overlays
-    )
+    scored = score_split(model, data, split, batch_size=batch_size, keep_maps=True, keep_images=n_overlays)
     results: dict[str, Any] = {
         "model": model.name,
         "checkpoint": model.path,
@@ -132,15 +136,21 @@ def evaluate(
     }
     labels, scores = scored.arrays()
     results["sample"] = sample_metrics(labels, scores, threshold, n_bootstrap=n_bootstrap)
-    if scored.masks and scored.maps:
-        results["pixel"] = pixel_metrics(scored)
-    slice_view = any(_SLICE_ID.match(i) for i in scored.ids)
-    if slice_view:
-        case_ids, case_labels, case_scores = pool_cases(scored)
+    case_ids, case_labels, case_scores = pool_cases(scored)
+    if any(_SLICE_ID.match(i) for i in scored.ids):
         results["case"] = sample_metrics(case_labels, case_scores, threshold, n_bootstrap=n_bootstrap)
-        results["case"]["n"] = len(case_ids)
+    cases = read_cases(data, split, masks=True)
+    volumes = case_maps(scored, cases) if scored.maps else {}
+    if volumes and any(cases[c]["mask"] is not None for c in volumes):
+        results["pixel"] = pixel_metrics(volumes, cases)
+    types = {c: anomaly_type(cases[c]) for c in case_ids}
+    per_type = per_type_metrics(case_ids, case_labels, case_scores, types, volumes, cases)
+    if per_type:
+        results["per_type"] = per_type
+    write_scores_csv(out / "scores.csv", case_ids, case_labels, case_scores, types, threshold)
     if mood_dir is not None:
-        results["mood_dir"] = str(write_mood(scored, read_cases(data, split), Path(mood_dir)))
+        samples = dict(zip(case_ids, case_scores.tolist()))
+        results["mood_dir"] = str(write_mood(volumes, samples, cases, Path(mood_dir)))
     results["plots"] = write_plots(scored, labels, scores, out, n_overlays=n_overlays)
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_json_default))
     (out / "report.md").write_text(render_report(results, model))
@@ -172,19 +182,104 @@ def sample_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, *, 
     return out
 
 
-def pixel_metrics(scored: ScoredSplit) -> dict[str, Any]:
-    ids = [i for i in scored.ids if i in scored.masks and i in scored.maps]
-    masks = np.concatenate([scored.masks[i].reshape(-1) for i in ids])
-    maps = np.concatenate([scored.maps[i].reshape(-1) for i in ids])
-    out: dict[str, Any] = {"n_cases": len(ids), "n_abnormal_pixels": int(masks.sum())}
+def case_maps(scored: ScoredSplit, cases: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Calibrated anomaly maps in each case's input space: what the MOOD submission holds.
+
+    Whole-image / whole-volume maps are resized to the input's shape; slice maps (``case#axis:index``)
+    are resized to the input's plane and placed at their index (slices never scored stay 0).
+    """
+    from monai.transforms import Resize
+
+    volumes: dict[str, np.ndarray] = {}
+    for sample_id in scored.ids:
+        if sample_id not in scored.maps:
+            continue
+        match = _SLICE_ID.match(sample_id)
+        case = match["case"] if match else sample_id
+        shape = cases[case]["shape"]
+        prediction = scored.maps[sample_id]
+        if match:
+            axis, index = int(match["axis"]), int(match["index"])
+            plane_shape = tuple(s for a, s in enumerate(shape) if a != axis)
+            plane = prediction if prediction.shape == plane_shape else np.asarray(Resize(plane_shape, mode="bilinear")(prediction[None]))[0]
+            if case not in volumes:
+                volumes[case] = np.zeros(shape, dtype=np.float32)
+            slicer = [slice(None)] * len(shape)
+            slicer[axis] = index
+            volumes[case][tuple(slicer)] = plane
+        elif prediction.shape == tuple(shape):
+            volumes[case] = prediction.astype(np.float32)
+        else:
+            mode = "trilinear" if len(shape) == 3 else "bilinear"
+            volumes[case] = np.asarray(Resize(shape, mode=mode)(prediction[None]), dtype=np.float32)[0]
+    return {case: np.clip(v, 0.0, 1.0) for case, v in volumes.items()}
+
+
+def pixel_metrics(volumes: dict[str, np.ndarray], cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Voxel AP and best Dice over every voxel of every case, in input space (the MOOD challenge's way).
+
+    Cases without a mask (normal cases in most layouts) count with an empty mask.
+    """
+    ids = sorted(volumes)
+    masks = np.concatenate([_mask_of(cases[i], volumes[i].shape).reshape(-1) for i in ids])
+    maps = np.concatenate([volumes[i].reshape(-1) for i in ids])
+    out: dict[str, Any] = {"n_cases": len(ids), "n_voxels": int(masks.size), "n_abnormal_voxels": int(masks.sum())}
     if masks.any() and not masks.all():
         out["ap"] = M.pixel_average_precision(masks, maps)
         out["best_dice"], out["best_dice_threshold"] = M.best_dice(masks, maps)
     return out
 
 
+def anomaly_type(case: dict[str, Any]) -> str:
+    """A case's anomaly type as the shards record it (``meta["anomaly"]``), ``normal`` or ``unknown``."""
+    if case["label"] == 0:
+        return "normal"
+    kind = case.get("meta", {}).get("anomaly")
+    return str(kind) if kind else ("unknown" if case["label"] == 1 else "unlabelled")
+
+
+def per_type_metrics(
+    case_ids: list[str],
+    case_labels: np.ndarray,
+    case_scores: np.ndarray,
+    types: dict[str, str],
+    volumes: dict[str, np.ndarray],
+    cases: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Per anomaly type: case-level AUROC of its cases against all normal cases, and its voxel AP."""
+    kinds = sorted({types[c] for c, y in zip(case_ids, case_labels) if y == 1} - {"unknown"})
+    if not kinds:
+        return {}
+    normal = [i for i, y in enumerate(case_labels) if y == 0]
+    out: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        chosen = [i for i, c in enumerate(case_ids) if types[c] == kind and case_labels[i] == 1]
+        index = normal + chosen
+        entry: dict[str, Any] = {"n": len(chosen)}
+        if normal:
+            entry["auroc"] = M.auroc(case_labels[index], case_scores[index])
+        with_maps = [case_ids[i] for i in index if case_ids[i] in volumes]
+        if with_maps and any(cases[c]["mask"] is not None for c in with_maps):
+            entry["pixel_ap"] = pixel_metrics({c: volumes[c] for c in with_maps}, cases).get("ap")
+        out[kind] = entry
+    return out
+
+
+def write_scores_csv(
+    path: Path, case_ids: list[str], labels: np.ndarray, scores: np.ndarray, types: dict[str, str], threshold: float
+) -> None:
+    """One row per case: id, label, anomaly type, calibrated score, and the call at the threshold."""
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label", "anomaly", "score", "predicted_abnormal"])
+        for case, label, score in zip(case_ids, labels.tolist(), scores.tolist()):
+            writer.writerow([case, label, types.get(case, ""), f"{score:.6f}", int(score >= threshold)])
+
+
 def pool_cases(scored: ScoredSplit) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Slice scores -> one score per volume (max over its slices) and the volume label (any slice abnormal)."""
+    """One score per case: a slice's volume gets the max over its slices, with label = any slice abnormal."""
     labels: dict[str, int] = {}
     scores: dict[str, float] = defaultdict(lambda: -np.inf)
     for sample_id, label, score in zip(scored.ids, scored.labels, scored.scores):
@@ -193,46 +288,30 @@ def pool_cases(scored: ScoredSplit) -> tuple[list[str], np.ndarray, np.ndarray]:
         scores[case] = max(scores[case], score)
         labels[case] = max(labels.get(case, -1), label)
     ids = sorted(labels)
-    return ids, np.array([labels[i] for i in ids]), np.array([scores[i] for i in ids])
+    return ids, np.array([labels[i] for i in ids], dtype=np.int64), np.array([scores[i] for i in ids], dtype=np.float64)
 
 
-def write_mood(scored: ScoredSplit, cases: dict[str, dict[str, Any]], mood_dir: Path) -> Path:
-    """MOOD layout: pixel/<case>.nii.gz maps in the input's shape and affine, sample/<case>.nii.gz.txt."""
+def write_mood(
+    volumes: dict[str, np.ndarray], samples: dict[str, float], cases: dict[str, dict[str, Any]], mood_dir: Path
+) -> Path:
+    """MOOD layout: pixel/<case>.nii.gz maps (``case_maps``) in the input's shape and affine, sample/<case>.nii.gz.txt."""
     import nibabel as nib
-    from monai.transforms import Resize
 
     (mood_dir / "pixel").mkdir(parents=True, exist_ok=True)
     (mood_dir / "sample").mkdir(parents=True, exist_ok=True)
-    volumes: dict[str, np.ndarray] = {}
-    samples: dict[str, float] = defaultdict(float)
-    for sample_id, score in zip(scored.ids, scored.scores):
-        match = _SLICE_ID.match(sample_id)
-        case = match["case"] if match else sample_id
-        info = cases[case]
-        shape = info["shape"]
-        samples[case] = max(samples[case], float(score))
-        if sample_id not in scored.maps:
-            continue
-        if case not in volumes:
-            volumes[case] = np.zeros(shape, dtype=np.float32)
-        prediction = scored.maps[sample_id]
-        if match:
-            axis, index = int(match["axis"]), int(match["index"])
-            plane_shape = tuple(s for a, s in enumerate(shape) if a != axis)
-            plane = np.asarray(Resize(plane_shape, mode="bilinear")(prediction[None]))[0]
-            slicer = [slice(None)] * len(shape)
-            slicer[axis] = index
-            volumes[case][tuple(slicer)] = plane
-        else:
-            volumes[case] = np.asarray(Resize(shape, mode="trilinear" if len(shape) == 3 else "bilinear")(prediction[None]))[0]
     for case, value in samples.items():
         name = _mood_name(case)
         (mood_dir / "sample" / f"{name}.txt").write_text(f"{min(max(value, 0.0), 1.0):.6f}\n")
         if case in volumes:
             affine = cases[case]["affine"]
-            image = nib.Nifti1Image(np.clip(volumes[case], 0.0, 1.0), affine if affine is not None else np.eye(4))
+            image = nib.Nifti1Image(volumes[case].astype(np.float32), affine if affine is not None else np.eye(4))
             nib.save(image, str(mood_dir / "pixel" / name))
     return mood_dir
+
+
+def _mask_of(case: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    mask = case.get("mask")
+    return np.zeros(shape, dtype=bool) if mask is None else np.asarray(mask) > 0
 
 
 def write_plots(scored: ScoredSplit, labels: np.ndarray, scores: np.ndarray, out: Path, *, n_overlays: int) -> dict:
@@ -295,10 +374,17 @@ def render_report(results: dict[str, Any], model: ckpt.LoadedModel) -> str:
             low, high = m[f"{key}_ci95"]
             lines.append(f"| {key} | {m[key]:.4f} | {low:.4f} - {high:.4f} |")
         lines.append("")
+    if results.get("per_type"):
+        lines += ["## Per anomaly type (case level, each type against all normal cases)", "", "| type | cases | AUROC | voxel AP |", "| --- | --- | --- | --- |"]
+        for kind, m in results["per_type"].items():
+            auroc = f"{m['auroc']:.3f}" if "auroc" in m else "-"
+            ap = f"{m['pixel_ap']:.3f}" if m.get("pixel_ap") is not None else "-"
+            lines.append(f"| {kind} | {m['n']} | {auroc} | {ap} |")
+        lines.append("")
     if "pixel" in results and "ap" in results["pixel"]:
         p = results["pixel"]
         lines += [
-            f"## Pixel level ({p['n_cases']} cases with masks)",
+            f"## Voxel level (all {p['n_voxels']} voxels of {p['n_cases']} cases in input space, as MOOD scores them)",
             "",
             "| metric | value |",
             "| --- | --- |",

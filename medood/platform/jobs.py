@@ -8,13 +8,22 @@ authentication Ray 2.60 turns on for the dashboard (``RAY_AUTH_MODE=token``).
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 from typing import Any
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> dict[str, Any]:
-    """Initialise Ray once per process and return its cluster resources."""
+    """Initialise Ray once per process and return its cluster resources.
+
+    Without ``address`` or ``RAY_ADDRESS`` it always starts a new local Ray (``address="local"``), so
+    a Ray started by hand on the same machine is never joined by accident. ``quiet`` keeps Ray's
+    own INFO / WARNING lines out of the terminal (they stay in Ray's log folder, /tmp/ray/session_*):
+    the driver logs at ERROR, worker output is not forwarded, and the raylet's "N worker processes
+    started" warning (Ray counts its own short-lived Ray Data and Train workers) is not raised on
+    small machines.
+    """
     import ray
 
     if not ray.is_initialized():
@@ -23,10 +32,23 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
         if address:
             kwargs["address"] = address
         else:
+            kwargs["address"] = "local"
             kwargs["num_cpus"] = num_cpus or os.cpu_count()
             kwargs["include_dashboard"] = False
+            if quiet:
+                # Read by the raylet this call starts (a RAY_<config> environment override).
+                startup = max(16, 4 * int(kwargs["num_cpus"]))
+                os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(startup))
+        if quiet:
+            kwargs["logging_level"] = logging.ERROR
         kwargs["runtime_env"] = runtime_env()
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as error:
+            raise ConnectionError(
+                f"cannot reach the Ray cluster at {address!r} ({error}); check RAY_ADDRESS / --address, and with "
+                "token authentication set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
+            ) from None
     quiet_ray_data()
     return ray.cluster_resources()
 
@@ -38,6 +60,8 @@ def quiet_ray_data() -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    # "Dataset ... execution finished" (INFO) and "Progress bars disabled" (WARNING) on every pass.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def runtime_env() -> dict[str, Any]:

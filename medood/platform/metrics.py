@@ -1,7 +1,7 @@
 """Anomaly-detection metrics: one function per metric, computed with scikit-learn where it has one.
 
 Sample level: AUROC, AP, and accuracy / F1 / sensitivity / specificity at a threshold chosen on the
-validation split, with percentile-bootstrap 95% intervals. Pixel / voxel level: AP over all
+validation split (``THRESHOLD_RULES``), with percentile-bootstrap 95% intervals. Pixel / voxel level: AP over all
 pixels, and the best Dice over thresholds (the MOOD / BraTS convention for anomaly maps).
 """
 
@@ -17,6 +17,7 @@ from sklearn.metrics import (
     precision_recall_curve,
     recall_score,
     roc_auc_score,
+    roc_curve,
 )
 
 
@@ -45,12 +46,49 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(average_precision_score(labels, scores))
 
 
-def choose_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The threshold that maximises F1 on (validation) data; a score >= threshold is called abnormal."""
+THRESHOLD_RULES = ("youden", "specificity", "f1")
+#: Target specificity of the ``specificity`` rule (on normal validation cases).
+TARGET_SPECIFICITY = 0.95
+
+
+def choose_threshold(
+    labels: np.ndarray, scores: np.ndarray, rule: str = "youden", *, target_specificity: float = TARGET_SPECIFICITY
+) -> tuple[float, str]:
+    """A decision threshold chosen on (validation) data, and a sentence saying how; score >= threshold = abnormal.
+
+    - ``youden`` (default): the ROC point that maximises Youden's J = sensitivity + specificity - 1
+      (Youden 1950; the usual operating point when both classes are labelled).
+    - ``specificity``: the lowest threshold that keeps ``target_specificity`` of the normal cases below
+      it (a false-alarm budget; the only rule that needs no abnormal cases, so it is used whenever
+      ``labels`` hold a single class).
+    - ``f1``: the F1-optimal threshold; when that calls every case abnormal (F1 is maximised by
+      predicting the positive class whenever the classes barely separate) it falls back to Youden.
+    """
     labels, scores = _check(labels, scores)
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    return float(thresholds[int(np.argmax(f1))])
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; known: {', '.join(THRESHOLD_RULES)}")
+    if not len(scores):
+        raise ValueError("cannot choose a threshold on an empty set of scores")
+    if rule == "specificity" or not has_both_classes(labels):
+        normal = scores[labels != 1] if (labels != 1).any() else scores
+        # The smallest score above the target share of normals, so that share scores below it.
+        threshold = float(np.nextafter(np.quantile(normal, target_specificity, method="higher"), np.inf))
+        return threshold, f"{target_specificity:.0%} specificity on {len(normal)} normal cases"
+    if rule == "f1":
+        precision, recall, thresholds = precision_recall_curve(labels, scores)
+        f1_values = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        threshold = float(thresholds[int(np.argmax(f1_values))])
+        if threshold > scores.min():
+            return threshold, "max F1"
+        rule_note = "Youden's J (max F1 called every case abnormal)"
+    else:
+        rule_note = "Youden's J"
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    best = int(np.argmax(tpr - fpr))
+    # roc_curve's first threshold is +inf (nothing called abnormal); J there is 0, never the argmax
+    # unless the scores do not separate at all, in which case the largest finite threshold is used.
+    threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else float(thresholds[min(best + 1, len(thresholds) - 1)])
+    return threshold, rule_note
 
 
 def accuracy(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:

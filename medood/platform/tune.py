@@ -291,6 +291,7 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         mode=plan["mode"],
         wandb=bool(plan["wandb"]),
         wandb_group=plan["name"],
+        progress=False,  # Tune prints its own trial table
     )
     train(options, callbacks=[TuneReportCallback()])
 

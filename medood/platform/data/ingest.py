@@ -219,13 +219,14 @@ def ingest(
     for source, reason in found.quarantined:
         tally.quarantine_files([source], reason)
     cases = sorted(found.cases, key=lambda c: c.id)
+    anomaly_types = _generated_anomaly_types(source_dir)
     try:
         with _progress(progress, len(cases), f"ingest {layout}") as advance:
             for case in cases:
                 advance()
                 split, keep_anomalies = assignment[case.id]
                 group = pseudonymize(case.group_key, the_salt)
-                _ingest_case(case, split, keep_anomalies, group, name, writer, tally, source_dir)
+                _ingest_case(case, split, keep_anomalies, group, name, writer, tally, source_dir, anomaly_types)
         shards = writer.close()
     except BaseException:
         writer.abort()  # no half-written temporary shard is left behind
@@ -422,6 +423,27 @@ class _Tally:
             self.quarantine.setdefault(f.path, reason)
 
 
+def _generated_anomaly_types(source_dir: Path) -> dict[str, str]:
+    """File (relative to the source) -> anomaly type, from the ``generation.json`` of an embedded data set."""
+    from medood.platform.data.schema import GENERATION_FILE
+
+    path = source_dir / GENERATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        cases = json.loads(path.read_text())["cases"]
+        return {str(c["file"]): str(c.get("anomaly") or "normal") for c in cases if "file" in c}
+    except (ValueError, KeyError, TypeError) as error:
+        raise IngestError(f"{path}: not a generation record written by `medood data synth` ({error})") from None
+
+
+def _anomaly_meta(anomaly_types: dict[str, str] | None, case: Case, src: Path) -> dict[str, str]:
+    if not anomaly_types:
+        return {}
+    kind = anomaly_types.get(relative(case.files[0].path, src))
+    return {"anomaly": kind} if kind else {}
+
+
 def _ingest_case(
     case: Case,
     split: str,
@@ -431,6 +453,7 @@ def _ingest_case(
     writer: ShardWriter,
     tally: _Tally,
     src: Path,
+    anomaly_types: dict[str, str] | None = None,
 ) -> None:
     """Read one case and write its rows, or record why its files are excluded or quarantined."""
     if split == "train" and case.label == 1 and not case.mixed and not keep_anomalies:
@@ -471,7 +494,7 @@ def _ingest_case(
             mask=item.mask,
             spacing=item.image.spacing,
             affine=item.image.affine,
-            meta={**item.image.meta, **item.meta},
+            meta={**item.image.meta, **item.meta, **_anomaly_meta(anomaly_types, case, src)},
         )
         writer.add(record.to_row())
         tally.counts[split][{0: "normal", 1: "abnormal", None: "unlabeled"}[item.label]] += 1

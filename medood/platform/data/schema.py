@@ -95,3 +95,8 @@ def decode_affine(row: dict[str, Any]) -> np.ndarray | None:
     if row.get("affine") is None:
         return None
     return np.asarray(row["affine"], dtype=np.float64).reshape(4, 4)
+
+
+#: Written by ``medood data synth`` next to the files it generates: parameters and, per file, its role,
+#: label and anomaly type (ingest copies the type into each row's ``meta["anomaly"]``).
+GENERATION_FILE = "generation.json"

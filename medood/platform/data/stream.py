@@ -258,24 +258,32 @@ def to_torch_batch(batch: dict[str, np.ndarray], device: Any = "cpu") -> dict[st
     return out
 
 
-def read_cases(shards: str | Path, split: str) -> dict[str, dict[str, Any]]:
-    """Per-case geometry of a split (id -> shape, affine, spacing, label), without the pixel data.
+def read_cases(shards: str | Path, split: str, *, masks: bool = False) -> dict[str, dict[str, Any]]:
+    """Per-case geometry of a split (id -> shape, affine, spacing, label, meta), without the pixel data.
 
-    What writing predictions back in each input's space needs (the MOOD submission format).
+    What writing predictions back in each input's space needs (the MOOD submission format). With
+    ``masks=True`` each case also holds its ground-truth ``mask`` in the input's space (uint8, or
+    ``None`` when the case has none), for pixel metrics computed on exactly what MOOD scores.
     """
+    import json
+
     import ray.data
     from ray.data.expressions import col
 
-    columns = ["id", "split", "shape", "affine", "spacing", "label"]
+    columns = ["id", "split", "shape", "affine", "spacing", "label", "meta"] + (["mask"] if masks else [])
     ds = ray.data.read_parquet(shard_paths(shards), columns=columns).filter(expr=col("split") == split)
     cases = {}
     for row in ds.iter_rows():
-        cases[str(row["id"])] = {
+        case = {
             "shape": tuple(int(s) for s in row["shape"]),
             "affine": decode_affine(row),
             "spacing": None if row["spacing"] is None else tuple(float(s) for s in row["spacing"]),
             "label": _label(row["label"]),
+            "meta": json.loads(row["meta"] or "{}"),
         }
+        if masks:
+            case["mask"] = decode_mask(row)
+        cases[str(row["id"])] = case
     return cases
 
 

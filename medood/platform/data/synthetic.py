@@ -36,6 +36,7 @@ from medood.methods.components.hard_augmentations import (
     changed_voxels,
     hard_augmentation,
 )
+from medood.platform.data.schema import GENERATION_FILE
 
 SYNTHETIC_DATASETS = ("digitanatomy", "synthetic-brain")
 #: Sizes used when ``synthesize`` gets ``None``: generate in a few seconds on 2 cores.
@@ -47,7 +48,6 @@ DEFAULTS: dict[str, dict[str, int]] = {
 LAYOUTS = {"digitanatomy": "folder", "synthetic-brain": "mood"}
 BRAIN_ANOMALIES = tuple(LOCAL_ANOMALIES)  # the six hard augmentations of seed 000 + intensity_blob
 DIGIT_ANOMALIES = ("missing", "misorder", "flip", "zero")  # seed 003 Algorithm 1
-GENERATION_FILE = "generation.json"
 
 # Stream ids of the per-case generators.
 _TRAIN, _TEST = 0, 1
