@@ -306,13 +306,14 @@ def test_brats_ingest_counts_dropped_slices_and_keeps_train_normal(tmp_path: Pat
 # --- bad input ---------------------------------------------------------------------------------------
 
 
-def test_mask_shape_mismatch_is_an_error_naming_the_mask(tmp_path: Path) -> None:
+def test_mask_shape_mismatch_quarantines_the_case_naming_the_mask(tmp_path: Path) -> None:
     src = make_folder(tmp_path / "src", normals=2, abnormals=1)
     _png(src / "masks" / "p03" / "img.png", np.zeros((8, 8), np.uint8))  # p03: abnormal only, so read
-    with pytest.raises(
-        IngestError, match=r"masks/p03/img.png has shape \(8, 8\) but its image .* \(16, 16\)"
-    ):
-        ingest("folder", src, tmp_path / "out", salt="s", progress=False)
+    report = ingest("folder", src, tmp_path / "out", salt="s", progress=False)
+    reasons = {q.path: q.reason for q in report.quarantine}
+    assert set(reasons) == {"abnormal/p03/img.png", "masks/p03/img.png"}
+    assert re.search(r"masks/p03/img.png has shape \(8, 8\) but its image .* \(16, 16\)", reasons["masks/p03/img.png"])
+    assert report.reconciliation["balanced"] and report.rows > 0
 
 
 def test_duplicate_ids_are_an_error_naming_both_sources(tmp_path: Path) -> None:

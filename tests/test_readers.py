@@ -17,6 +17,12 @@ from pydicom.uid import UID, generate_uid
 
 from medood.platform.data.privacy import DICOM_META_WHITELIST
 from medood.platform.data.readers import (
+    CorruptImageError,
+    DimensionalityError,
+    HeaderValueError,
+    ImageReadError,
+    ImageTooLargeError,
+    NoImageError,
     UnsupportedFormatError,
     group_dicom_files,
     image_format,
@@ -26,6 +32,8 @@ from medood.platform.data.readers import (
     read_mask,
     read_nifti,
     read_picture,
+    read_bytes,
+    sniff_format,
 )
 
 
@@ -81,7 +89,7 @@ def test_truncated_nifti_raises(tmp_path: Path) -> None:
         nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-        with pytest.raises((EOFError, OSError)):
+        with pytest.raises(CorruptImageError, match="truncated NIfTI"):
             read_nifti(path)
 
 
@@ -147,13 +155,17 @@ def test_series_is_sorted_along_the_normal_with_ras_affine(tmp_path: Path) -> No
 
     volume = read_dicom_series(units[0].files)
 
-    assert volume.array.shape == (4, 64, 64) and volume.array.dtype == np.int16
-    assert [int(volume.array[k, 0, 0]) for k in range(4)] == [1, 3, 0, 2]  # z = 0, 3, 6, 9
+    # canonical RAS like NIfTI: (X, Y, Z) = (cols reversed, rows reversed, slices by z)
+    assert volume.array.shape == (64, 64, 4) and volume.array.dtype == np.int16
+    assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+    assert [int(volume.array[0, 0, k]) for k in range(4)] == [1, 3, 0, 2]  # z = 0, 3, 6, 9
     ps = [float(v) for v in _dicom("MR_small.dcm").PixelSpacing]
-    assert volume.spacing == pytest.approx((3.0, ps[0], ps[1]))
+    assert volume.spacing == pytest.approx((ps[1], ps[0], 3.0))
     assert volume.meta["n_files"] == 4 and volume.n_files == 4
-    # index (k, r, c) = (2, 0, 1) is z=6, one column along +x (LPS), i.e. RAS x = 10 - ps[1]
-    np.testing.assert_allclose(volume.affine @ [2, 0, 1, 1], [10.0 - ps[1], 20.0, 6.0, 1.0])
+    # the DICOM pixel (row 0, col 1) of the slice at z=6 sits at LPS (-10 + ps[1], -20, 6), i.e.
+    # RAS (10 - ps[1], 20, 6); canonical X runs against DICOM columns, Y against rows
+    index = np.linalg.solve(volume.affine, [10.0 - ps[1], 20.0, 6.0, 1.0])
+    np.testing.assert_allclose(index, [62, 63, 2, 1], atol=1e-6)
 
 
 def test_series_with_duplicate_positions_raises(tmp_path: Path) -> None:
@@ -244,7 +256,7 @@ def test_truncated_picture_and_unknown_format_raise(tmp_path: Path) -> None:
     )
     data = (tmp_path / "a.png").read_bytes()
     (tmp_path / "a.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(OSError):
+    with pytest.raises(CorruptImageError, match="corrupt PNG"):
         read_image(tmp_path / "a.png")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UnsupportedFormatError, match=r"'\.txt'"):
