@@ -583,7 +583,7 @@ def _check_decoder(dataset: Any) -> None:
         name = getattr(syntax, "name", "") or str(syntax)
         shown = name if name == str(syntax) else f"{name} ({syntax})"
         # a UID is not identity, but a mutated one could be any text: keep it short and printable
-        shown = re.sub(r"[^\w .()-]", "?", shown)[:120]
+        shown = re.sub(r"[^\w .()/-]", "?", shown)[:120]
         raise UnsupportedFormatError(
             f"unsupported DICOM transfer syntax {shown}: no pixel data decoder is installed for it"
         )
