@@ -26,14 +26,14 @@ from medood.platform.data.readers import (
     UnsupportedFormatError,
     group_dicom_files,
     image_format,
+    max_file_bytes,
+    read_bytes,
     read_dicom,
     read_dicom_series,
     read_image,
     read_mask,
     read_nifti,
     read_picture,
-    max_file_bytes,
-    read_bytes,
     sniff_format,
 )
 

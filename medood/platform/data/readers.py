@@ -184,7 +184,9 @@ def sniff_format(data: bytes, hint: str | None = None) -> str:
             raise CorruptImageError(f"corrupt gzip stream: {error}") from None
         if _nifti_version(head):
             return "nifti-gz"
-        if _truncated_nifti_header(head) or (len(head) < 348 and not stream.eof and not stream.unconsumed_tail):
+        if _truncated_nifti_header(head) or (
+            len(head) < 348 and not stream.eof and not stream.unconsumed_tail
+        ):
             raise CorruptImageError("truncated gzip stream: it ends before a NIfTI header could be read")
         raise UnsupportedFormatError("the bytes are gzip-compressed but not a gzipped NIfTI (.nii.gz)")
     if _nifti_version(data[:544]):
@@ -239,7 +241,9 @@ def read_bytes(data: bytes, format: str | None = None, *, max_voxels: int = DEFA
             "2D images and 3D volumes are supported"
         )
     if image.array.size == 0:
-        raise CorruptImageError(f"{FORMAT_NAMES[fmt]} holds an empty image (shape {tuple(image.array.shape)})")
+        raise CorruptImageError(
+            f"{FORMAT_NAMES[fmt]} holds an empty image (shape {tuple(image.array.shape)})"
+        )
     return image
 
 
@@ -379,10 +383,14 @@ def _read_nifti_bytes(data: bytes, fmt: str, max_voxels: int) -> ImageData:
     header_class = nib.Nifti1Header if version == 1 else nib.Nifti2Header
     try:
         header = header_class.from_fileobj(io.BytesIO(head), check=False)
-        dtype = header.get_data_dtype()
         offset = int(header.get_data_offset())
     except Exception as error:
         raise CorruptImageError(f"invalid NIfTI header: {describe_error(error)}") from None
+    try:
+        dtype = header.get_data_dtype()
+    except Exception:
+        code = int(header["datatype"])
+        raise UnsupportedFormatError(f"unsupported NIfTI datatype code {code}") from None
     needed = max(offset, 348 if version == 1 else 540) + voxels * dtype.itemsize
     raw = data if fmt == "nifti" else _gunzip(data, needed)
     if len(raw) < needed:
@@ -429,14 +437,23 @@ def _gunzip(data: bytes, limit: int) -> bytes:
 
 
 class _QuietPydicom(logging.Filter):
-    """Drops pydicom's log records while medood reads (they may quote header values)."""
+    """Drops pydicom's log records while medood reads in this thread (they may quote header values)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not getattr(_state, "quiet", 0)
 
 
 _state = threading.local()
-logging.getLogger("pydicom").addFilter(_QuietPydicom())
+_QUIET = _QuietPydicom()
+
+
+def _filter_pydicom_loggers() -> None:
+    """A logger's filters see only its own records, so every ``pydicom.*`` logger gets the filter."""
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n == "pydicom" or n.startswith("pydicom.")]
+    for name in ["pydicom", *names]:
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
 
 
 @contextmanager
@@ -444,6 +461,7 @@ def _quiet_pydicom() -> Iterator[None]:
     """No pydicom warnings, log records or value validation (its messages quote header values)."""
     from pydicom import config
 
+    _filter_pydicom_loggers()
     _state.quiet = getattr(_state, "quiet", 0) + 1
     mode = config.settings._reading_validation_mode
     try:
@@ -475,7 +493,7 @@ def read_dicom_header(path: str | Path, *, max_voxels: int = DEFAULT_MAX_VOXELS)
         raise ImageTooLargeError("the file is larger than any image within max_voxels")
     dataset = _dcmread(str(path), stop_before_pixels=True)
     if _int_tag(dataset, "Rows") is None or _int_tag(dataset, "Columns") is None:
-        raise NoImageError("not a DICOM image (no Rows/Columns)")
+        raise NoImageError("the DICOM file holds no image (no Rows/Columns)")
     return dataset
 
 
@@ -712,7 +730,9 @@ def _dicom_pixels(parsed: _DicomFile) -> np.ndarray:
         ) from None
     expected = parsed.rows * parsed.columns * parsed.frames * parsed.samples
     if raw.size != expected:
-        raise CorruptImageError("the decoded DICOM pixel data does not match Rows, Columns and NumberOfFrames")
+        raise CorruptImageError(
+            "the decoded DICOM pixel data does not match Rows, Columns and NumberOfFrames"
+        )
     if parsed.samples > 1 and raw.shape[-1] == parsed.samples:
         # pydicom returns RGB (YBR is converted by default); ITU-R 601-2 luma, as Pillow's "L".
         raw = np.round(raw[..., 0] * 0.299 + raw[..., 1] * 0.587 + raw[..., 2] * 0.114).astype(raw.dtype)
@@ -954,10 +974,13 @@ def _read_picture_bytes(data: bytes, fmt: str, max_voxels: int) -> ImageData:
             warnings.simplefilter("ignore")
             picture = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ImageTooLargeError(f"the picture is too large to decode (over the limit of {max_voxels} pixels)") from None
+        raise ImageTooLargeError(
+            f"the picture is too large to decode (over the limit of {max_voxels} pixels)"
+        ) from None
     except Exception as error:
         raise CorruptImageError(f"corrupt {fmt.upper()}: {_pillow_reason(error)}") from None
-    with picture:
+    with picture, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         width, height = picture.size
         if width * height > max_voxels:
             raise ImageTooLargeError(
