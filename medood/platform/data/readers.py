@@ -456,21 +456,37 @@ def _filter_pydicom_loggers() -> None:
             logger.addFilter(_QUIET)
 
 
+_validation_lock = threading.Lock()
+_validation_users = 0
+_validation_saved: Any = None
+
+
 @contextmanager
 def _quiet_pydicom() -> Iterator[None]:
-    """No pydicom warnings, log records or value validation (its messages quote header values)."""
+    """No pydicom warnings, log records or value validation (its messages quote header values).
+
+    pydicom's validation mode is process-wide: the first reader in switches it off, the last one
+    out restores it, so concurrent reads (serving's threads) never leave it changed.
+    """
+    global _validation_users, _validation_saved
     from pydicom import config
 
     _filter_pydicom_loggers()
     _state.quiet = getattr(_state, "quiet", 0) + 1
-    mode = config.settings._reading_validation_mode
+    with _validation_lock:
+        if _validation_users == 0:
+            _validation_saved = config.settings._reading_validation_mode
+            config.settings.reading_validation_mode = config.IGNORE
+        _validation_users += 1
     try:
-        config.settings.reading_validation_mode = config.IGNORE
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        config.settings._reading_validation_mode = mode
+        with _validation_lock:
+            _validation_users -= 1
+            if _validation_users == 0:
+                config.settings._reading_validation_mode = _validation_saved
         _state.quiet -= 1
 
 
