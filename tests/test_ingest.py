@@ -306,13 +306,16 @@ def test_brats_ingest_counts_dropped_slices_and_keeps_train_normal(tmp_path: Pat
 # --- bad input ---------------------------------------------------------------------------------------
 
 
-def test_mask_shape_mismatch_is_an_error_naming_the_mask(tmp_path: Path) -> None:
+def test_mask_shape_mismatch_quarantines_the_case_naming_the_mask(tmp_path: Path) -> None:
     src = make_folder(tmp_path / "src", normals=2, abnormals=1)
     _png(src / "masks" / "p03" / "img.png", np.zeros((8, 8), np.uint8))  # p03: abnormal only, so read
-    with pytest.raises(
-        IngestError, match=r"masks/p03/img.png has shape \(8, 8\) but its image .* \(16, 16\)"
-    ):
-        ingest("folder", src, tmp_path / "out", salt="s", progress=False)
+    report = ingest("folder", src, tmp_path / "out", salt="s", progress=False)
+    reasons = {q.path: q.reason for q in report.quarantine}
+    assert set(reasons) == {"abnormal/p03/img.png", "masks/p03/img.png"}
+    assert re.search(
+        r"masks/p03/img.png has shape \(8, 8\) but its image .* \(16, 16\)", reasons["masks/p03/img.png"]
+    )
+    assert report.reconciliation["balanced"] and report.rows > 0
 
 
 def test_duplicate_ids_are_an_error_naming_both_sources(tmp_path: Path) -> None:
@@ -461,3 +464,22 @@ def test_cli_synth_calls_synthesize_then_ingests(tmp_path: Path, monkeypatch: py
     )  # 1 mixed group in train
     bad = runner.invoke(_app(), ["data", "synth", "brainz", str(tmp_path / "e")])
     assert bad.exit_code == 2 and "known: digitanatomy, synthetic-brain" in _unwrapped(bad.output)
+
+
+def test_synthetic_data_rows_carry_their_anomaly_type(tmp_path: Path) -> None:
+    from medood.platform.data import ingest as ingest_module
+    from medood.platform.data.synthetic import GENERATION_FILE, iter_cases, synthesize
+
+    assert ingest_module.GENERATION_FILE == GENERATION_FILE
+    layout = synthesize("digitanatomy", tmp_path / "digits", n_train=4, n_test=8, size=24, seed=0)
+    report = ingest(layout, tmp_path / "digits", tmp_path / "out", salt="s", progress=False)
+    expected = {c["file"]: c["anomaly"] for c in iter_cases(tmp_path / "digits")}
+    rows = [r for s in report.shards for r in pq.read_table(tmp_path / "out" / s["path"]).to_pylist()]
+    anomalies = {r["id"]: json.loads(r["meta"])["anomaly"] for r in rows}
+    assert anomalies == {i: expected[i] for i in anomalies} and len(anomalies) == report.rows
+    assert "normal" in anomalies.values() and len(set(anomalies.values())) > 2
+    # without a generation.json rows carry no anomaly type
+    (tmp_path / "digits" / GENERATION_FILE).unlink()
+    plain = ingest(layout, tmp_path / "digits", tmp_path / "out2", salt="s", progress=False)
+    table = pq.read_table(tmp_path / "out2" / plain.shards[0]["path"], columns=["meta"]).to_pylist()
+    assert all("anomaly" not in json.loads(r["meta"]) for r in table)

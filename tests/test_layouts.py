@@ -21,6 +21,7 @@ from medood.platform.data.layouts import (
     Discovery,
     IngestError,
     LayoutContext,
+    MaskShapeError,
     get_layout,
 )
 
@@ -201,7 +202,7 @@ def test_brats_other_modality_and_seg_shape_mismatch(tmp_path: Path) -> None:
     assert found.cases[0].files[0].display.endswith("_t1ce.nii.gz")
     seg = next(src.rglob("*_seg.nii.gz"))
     write_nifti(seg, np.zeros((6, 6, 4), np.uint8))
-    with pytest.raises(IngestError, match="_seg.nii.gz has shape"):
+    with pytest.raises(MaskShapeError, match="_seg.nii.gz has shape"):  # ingest quarantines the case
         discover("brats", src).cases[0].load()
 
 
@@ -455,7 +456,9 @@ def test_folder_groups_dicom_series_into_one_volume_by_patient(tmp_path: Path) -
     assert len(case.files) == 3 and case.group_key == "patient:4MR1"
     assert [s.display for s, _ in found.quarantined] == ["abnormal/scan/broken.dcm"]
     item = case.load().items[0]
-    assert item.image.array.shape == (3, 64, 64) and item.image.meta["n_files"] == 3
+    # stored like NIfTI: canonical RAS (X, Y, Z); MR_small is axial, so Z (last) is the slice axis
+    assert item.image.array.shape == (64, 64, 3) and item.image.meta["n_files"] == 3
+    assert item.image.affine is not None and nib.aff2axcodes(item.image.affine) == ("R", "A", "S")
 
 
 def test_folder_needs_a_class_folder(tmp_path: Path) -> None:

@@ -17,15 +17,24 @@ from pydicom.uid import UID, generate_uid
 
 from medood.platform.data.privacy import DICOM_META_WHITELIST
 from medood.platform.data.readers import (
+    CorruptImageError,
+    DimensionalityError,
+    HeaderValueError,
+    ImageReadError,
+    ImageTooLargeError,
+    NoImageError,
     UnsupportedFormatError,
     group_dicom_files,
     image_format,
+    max_file_bytes,
+    read_bytes,
     read_dicom,
     read_dicom_series,
     read_image,
     read_mask,
     read_nifti,
     read_picture,
+    sniff_format,
 )
 
 
@@ -81,7 +90,7 @@ def test_truncated_nifti_raises(tmp_path: Path) -> None:
         nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
-        with pytest.raises((EOFError, OSError)):
+        with pytest.raises(CorruptImageError, match="truncated NIfTI"):
             read_nifti(path)
 
 
@@ -147,13 +156,17 @@ def test_series_is_sorted_along_the_normal_with_ras_affine(tmp_path: Path) -> No
 
     volume = read_dicom_series(units[0].files)
 
-    assert volume.array.shape == (4, 64, 64) and volume.array.dtype == np.int16
-    assert [int(volume.array[k, 0, 0]) for k in range(4)] == [1, 3, 0, 2]  # z = 0, 3, 6, 9
+    # canonical RAS like NIfTI: (X, Y, Z) = (cols reversed, rows reversed, slices by z)
+    assert volume.array.shape == (64, 64, 4) and volume.array.dtype == np.int16
+    assert nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+    assert [int(volume.array[0, 0, k]) for k in range(4)] == [1, 3, 0, 2]  # z = 0, 3, 6, 9
     ps = [float(v) for v in _dicom("MR_small.dcm").PixelSpacing]
-    assert volume.spacing == pytest.approx((3.0, ps[0], ps[1]))
+    assert volume.spacing == pytest.approx((ps[1], ps[0], 3.0))
     assert volume.meta["n_files"] == 4 and volume.n_files == 4
-    # index (k, r, c) = (2, 0, 1) is z=6, one column along +x (LPS), i.e. RAS x = 10 - ps[1]
-    np.testing.assert_allclose(volume.affine @ [2, 0, 1, 1], [10.0 - ps[1], 20.0, 6.0, 1.0])
+    # the DICOM pixel (row 0, col 1) of the slice at z=6 sits at LPS (-10 + ps[1], -20, 6), i.e.
+    # RAS (10 - ps[1], 20, 6); canonical X runs against DICOM columns, Y against rows
+    index = np.linalg.solve(volume.affine, [10.0 - ps[1], 20.0, 6.0, 1.0])
+    np.testing.assert_allclose(index, [62, 63, 2, 1], atol=1e-6)
 
 
 def test_series_with_duplicate_positions_raises(tmp_path: Path) -> None:
@@ -244,8 +257,160 @@ def test_truncated_picture_and_unknown_format_raise(tmp_path: Path) -> None:
     )
     data = (tmp_path / "a.png").read_bytes()
     (tmp_path / "a.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(OSError):
+    with pytest.raises(CorruptImageError, match="corrupt PNG"):
         read_image(tmp_path / "a.png")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UnsupportedFormatError, match=r"'\.txt'"):
         read_image(tmp_path / "notes.txt")
+
+
+# --- the byte-level API: sniffing, header checks before decoding, safe reasons -----------------------
+
+
+def test_read_bytes_sniffs_the_format_and_the_hint_only_decides_bytes_without_a_signature(
+    tmp_path: Path,
+) -> None:
+    volume = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    nifti = nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+    ct = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    assert sniff_format(nifti) == "nifti" and sniff_format(ct) == "dicom"
+    # a name that lies does not matter: the bytes decide
+    assert read_bytes(nifti, "picture").array.shape == (2, 3, 4)
+    # a DICOM data set without the 128-byte preamble has no signature: the hint reads it
+    raw = ct[132:]  # the data set without the preamble and the DICM prefix
+    with pytest.raises(UnsupportedFormatError, match="unrecognised file type"):
+        read_bytes(raw)
+    assert read_bytes(raw, "dicom").array.ndim == 2
+    with pytest.raises(NoImageError, match="no pixel data"):
+        read_bytes(Path(get_testdata_file("rtplan.dcm")).read_bytes(), "dicom")
+    with pytest.raises(CorruptImageError, match="not a PNG"):
+        read_bytes(b"hello world, not a picture", "png")
+    with pytest.raises(CorruptImageError, match="empty file"):
+        read_bytes(b"", "dicom")
+    with pytest.raises(ValueError, match="unknown format hint"):
+        read_bytes(nifti, "gif")
+
+
+def test_declared_sizes_over_the_limit_are_refused_from_the_header(tmp_path: Path) -> None:
+    # a gzipped NIfTI declaring 1000^3 voxels: refused without inflating a byte of voxel data
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 1000))
+    header.set_data_dtype(np.float32)
+    bomb = __import__("gzip").compress(header.binaryblock + b"\x00" * 4)
+    with pytest.raises(ImageTooLargeError, match=r"declares 1000000000 voxels"):
+        read_bytes(bomb, max_voxels=2**20)
+    ds = _dicom("MR_small.dcm")
+    ds.Rows = ds.Columns = 60000
+    with pytest.raises(ImageTooLargeError, match="60000x60000x1 pixels"):
+        read_bytes(_dataset_bytes(ds), max_voxels=2**20)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((200, 300), np.uint8)).save(big)
+    with pytest.raises(ImageTooLargeError, match="300x200"):
+        read_image(big, max_voxels=200 * 300 - 1)
+    assert read_image(big, max_voxels=200 * 300).array.shape == (200, 300)
+    # a file larger than any image within the limit could be is not even read (a sparse file)
+    huge = tmp_path / "huge.dcm"
+    with open(huge, "wb") as handle:
+        handle.truncate(max_file_bytes(2**20) + 1)
+    with pytest.raises(ImageTooLargeError, match="bytes"):
+        read_image(huge, max_voxels=2**20)
+
+
+def test_a_malformed_header_value_names_the_tag_never_the_value() -> None:
+    ds = _dicom("MR_small.dcm")
+    ds.PatientName = "Doe^Jane"
+    ds[0x00280008] = _raw(0x00280008, "IS", b"1A")  # NumberOfFrames: not an integer
+    with pytest.raises(HeaderValueError) as caught:
+        read_bytes(_dataset_bytes(ds))
+    assert str(caught.value) == "malformed DICOM header value: NumberOfFrames (0028,0008)"
+    ds = _dicom("MR_small.dcm")
+    ds[0x00281053] = _raw(0x00281053, "DS", b"Doe^Jane")  # RescaleSlope holding a name
+    with pytest.raises(HeaderValueError, match=r"RescaleSlope \(0028,1053\)") as caught:
+        read_bytes(_dataset_bytes(ds))
+    assert "Doe" not in str(caught.value) and "Jane" not in str(caught.value)
+    # a malformed value the reader does not need is not parsed at all
+    ds = _dicom("MR_small.dcm")
+    ds[0x00200013] = _raw(0x00200013, "IS", b"7X")  # InstanceNumber
+    assert read_bytes(_dataset_bytes(ds)).array.shape == (64, 64)
+
+
+def _raw(tag: int, vr: str, value: bytes) -> object:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+
+
+def test_only_2d_and_3d_images_are_read() -> None:
+    for shape in ((4, 4, 4, 2), (100,)):
+        data = nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)).to_bytes()
+        with pytest.raises(DimensionalityError, match="wrong dimensionality"):
+            read_bytes(data)
+    flat = read_bytes(nib.Nifti1Image(np.ones((5, 6), np.float32), np.diag([-1.0, 1, 1, 1])).to_bytes())
+    assert flat.array.shape == (5, 6)
+
+
+def test_every_failure_is_an_image_read_error() -> None:
+    nifti = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)).to_bytes()
+    for body in (nifti[:200], nifti[:-10], b"\x1f\x8b" + b"\x00" * 40, b"II*\x00" + b"\x00" * 10):
+        with pytest.raises(ImageReadError):
+            read_bytes(body)
+
+
+def _dataset_bytes(ds: pydicom.Dataset) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+# --- one orientation whatever the format -------------------------------------------------------------
+
+
+def _write_as_dicom_series(folder: Path, volume: np.ndarray, affine: np.ndarray) -> list[Path]:
+    """``volume`` (i, j, k) with its RAS ``affine`` as single-frame slices along k, in shuffled order.
+
+    DICOM column index = i, row index = j, slice = k; positions and cosines in LPS.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    along_columns, along_rows = lps[:3, 0], lps[:3, 1]
+    base = _dicom("MR_small.dcm")
+    uid = generate_uid()
+    paths = []
+    for k in np.random.default_rng(0).permutation(volume.shape[2]):
+        ds = copy.deepcopy(base)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, generate_uid()
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.ImageOrientationPatient = [
+            *(along_columns / np.linalg.norm(along_columns)),
+            *(along_rows / np.linalg.norm(along_rows)),
+        ]
+        ds.PixelSpacing = [float(np.linalg.norm(along_rows)), float(np.linalg.norm(along_columns))]
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [0, 0, k, 1])[:3]]
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T).astype(np.int16).tobytes()
+        path = folder / f"IM{k:03d}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def test_a_volume_as_nifti_and_as_a_dicom_series_reads_to_the_same_array_and_affine(tmp_path: Path) -> None:
+    volume = np.random.default_rng(1).integers(-1000, 3000, size=(7, 5, 4)).astype(np.int16)
+    # an oblique-free but not RAS acquisition: x flipped, y and z swapped (a coronal stack)
+    affine = np.array(
+        [[-0.8, 0.0, 0.0, 40.0], [0.0, 0.0, 2.5, -30.0], [0.0, 0.9, 0.0, 12.0], [0.0, 0.0, 0.0, 1.0]]
+    )
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "vol.nii.gz")
+    paths = _write_as_dicom_series(tmp_path / "series", volume, affine)
+
+    from_nifti = read_image(tmp_path / "vol.nii.gz")
+    units, failures = group_dicom_files(paths)
+    assert failures == [] and len(units) == 1
+    from_dicom = read_dicom_series(units[0].files)
+
+    assert nib.aff2axcodes(from_nifti.affine) == ("R", "A", "S")
+    np.testing.assert_array_equal(from_dicom.array, from_nifti.array)
+    np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-4)
+    assert from_dicom.spacing == pytest.approx(from_nifti.spacing, abs=1e-4)

@@ -5,7 +5,8 @@ Every served model is its own Serve application holding one ``ModelServer`` depl
 (``build_index_app``, mounted at ``/``) answers ``/healthz`` and ``/v1/models``. Scans therefore go
 from Serve's HTTP proxy straight to the model's replica: no gateway hop, no extra copy of a large
 volume. A ``ModelServer`` replica checks the token and the body size, decodes the upload with the
-ingest readers (``medood.platform.data.readers.read_image``), preprocesses it with
+byte-level reader that ingest uses (``medood.platform.data.readers.read_bytes``: sniffing, header
+checks, decoding; this module keeps HTTP, Serve and auth only), preprocesses it with
 ``prepare_sample`` and the checkpoint's ``input_spec`` (the path training and evaluation use),
 batches forward passes across requests with ``@serve.batch``, and maps raw scores to [0, 1] with
 the checkpoint's calibration (``calibration.sample``, as the MOOD writer does). So a served score
@@ -47,9 +48,9 @@ Security: with ``MEDOOD_API_TOKEN`` set in the environment of the process that b
 applications, every route but ``/healthz`` needs ``Authorization: Bearer <token>`` (compared with
 ``hmac.compare_digest``; only a SHA-256 of the token reaches the replicas). ``medood serve``
 binds 127.0.0.1 unless told otherwise. Checkpoints load with ``torch.load(weights_only=True)``.
-Uploads go to a private temporary folder (``/dev/shm`` when there is one) under a fixed name and
-are deleted at once; client file names are never used. Nothing logs headers or bodies, and error
-messages name no temporary path and no DICOM value outside the technical whitelist.
+Uploads are decoded in memory, never written to disk; client file names are never used. Nothing
+logs headers or bodies, and error messages name no DICOM header value (the reader's messages name
+tags, never values, and are scrubbed of the upload's identity values).
 
 Model names: the method name by default; ``names`` (``--name``, in the order of the models:
 every ``--checkpoint``, then every ``--best``) override them. Explicit names must be unique; a
@@ -68,12 +69,8 @@ import io
 import logging
 import os
 import re
-import shutil
-import struct
-import tempfile
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,13 +78,25 @@ from typing import Any
 import numpy as np
 import typer
 
+from medood.platform.data.readers import (
+    DEFAULT_MAX_VOXELS,
+    FORMAT_NAMES,
+    CorruptImageError,
+    DimensionalityError,
+    ImageReadError,
+    ImageTooLargeError,
+    NoImageError,
+    UnsupportedFormatError,
+    read_bytes,
+)
+from medood.platform.data.readers import sniff_format as _sniff
+
 logger = logging.getLogger("medood.serve")
 
 TOKEN_ENV = "MEDOOD_API_TOKEN"
 DEFAULT_APP_NAME = "medood"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
-DEFAULT_MAX_VOXELS = 512**3  # a MOOD abdominal volume
 MODEL_DEPLOYMENT = "model"  # the deployment's name inside each model's application
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # On a CPU, convolutions over a batch much larger than this many input values are memory-bound and
@@ -95,16 +104,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # in fours, 16.7 ms in sixteens; 2D 128^2 images keep getting cheaper up to 64 per pass).
 CPU_CHUNK_ELEMENTS = 2**20
 
-#: Formats the sniffer recognises -> the suffix the ingest readers dispatch on.
-FORMAT_SUFFIXES = {
-    "dicom": ".dcm",
-    "nifti": ".nii",
-    "nifti-gz": ".nii.gz",
-    "png": ".png",
-    "jpeg": ".jpg",
-    "bmp": ".bmp",
-    "tiff": ".tif",
-}
 #: Declared Content-Types -> the formats the body may then be (None: sniff any).
 CONTENT_TYPES: dict[str, frozenset[str] | None] = {
     "application/octet-stream": None,
@@ -891,45 +890,19 @@ def replica_identity() -> dict[str, Any]:
 
 
 def sniff_format(body: bytes) -> str:
-    """The format of a body from its magic bytes: dicom, nifti, nifti-gz, png, jpeg, bmp or tiff."""
-    if len(body) >= 132 and body[128:132] == b"DICM":
-        return "dicom"
-    if body[:2] == b"\x1f\x8b":
-        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            head = stream.decompress(body, 544)
-        except zlib.error as error:
-            raise InputError(400, f"corrupt gzip stream: {error}") from None
-        if _nifti_version(head):
-            return "nifti-gz"
-        if _truncated_nifti_header(head) or (
-            len(head) < 348 and not stream.eof and not stream.unconsumed_tail
-        ):
-            raise InputError(400, "truncated gzip stream: it ends before a NIfTI header could be read")
-        raise InputError(415, "the body is gzip-compressed but not a gzipped NIfTI (.nii.gz)")
-    if _nifti_version(body[:544]):
-        return "nifti"
-    if _truncated_nifti_header(body[:544]):
-        raise InputError(400, "truncated NIfTI: the body ends inside the header")
-    if body[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if body[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if body[:2] == b"BM" and len(body) >= 26:
-        return "bmp"
-    if body[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    raise InputError(
-        415,
-        "unrecognised file type: not DICOM (no 'DICM' at byte 128), NIfTI (.nii, .nii.gz), PNG, JPEG, BMP or TIFF",
-    )
+    """The format of a body from its magic bytes (``readers.sniff_format``), as an ``InputError``."""
+    try:
+        return _sniff(body)
+    except ImageReadError as error:
+        raise _input_error(error) from None
 
 
 def decode_upload(body: bytes, content_type: str | None, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> Upload:
-    """Check an upload's type and declared size, then read it with the ingest readers.
+    """Check an upload's declared type against its bytes, then read it with the byte-level reader.
 
-    The body is written to a private temporary folder under a fixed name with the sniffed
-    format's suffix and read with ``read_image``, so serving reads a file exactly as ingest does.
+    ``read_bytes`` is what ingest calls too: the same sniffing, header checks (size against
+    ``max_voxels`` before decoding, codecs) and decoding, so serving reads a file exactly as
+    ingest does. Its failures become 4xx responses (``_input_error``).
     """
     if not body:
         raise InputError(400, "empty body: send the image file as the request body")
@@ -938,33 +911,29 @@ def decode_upload(body: bytes, content_type: str | None, *, max_voxels: int = DE
     if content_type is not None and content_type not in CONTENT_TYPES:
         raise InputError(415, f"unsupported content type {_quote(content_type)}")
     if allowed is not None and fmt not in allowed:
-        raise InputError(415, f"the body is {_FORMAT_NAMES[fmt]} but the Content-Type says {content_type}")
-    secrets: list[str] = []
-    if fmt == "dicom":
-        secrets = _check_dicom(body, max_voxels)
-    elif fmt in ("nifti", "nifti-gz"):
-        _check_nifti(body, fmt, max_voxels)
-    else:
-        _check_picture(body, fmt, max_voxels)
-    from medood.platform.data.readers import UnsupportedFormatError, describe_error, read_image
-
-    folder = Path(tempfile.mkdtemp(prefix="medood-upload-", dir=_private_temp_root(len(body))))
-    path = folder / f"upload{FORMAT_SUFFIXES[fmt]}"
+        raise InputError(415, f"the body is {FORMAT_NAMES[fmt]} but the Content-Type says {content_type}")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(body)
-        try:
-            image = read_image(path)
-        except UnsupportedFormatError as error:
-            raise InputError(415, _scrub(str(error), folder, secrets)) from None
-        except MemoryError:
-            raise InputError(413, "the image is too large to decode") from None
-        except Exception as error:
-            raise _read_error(fmt, describe_error(error), folder, secrets) from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        image = read_bytes(body, fmt, max_voxels=max_voxels)
+    except ImageReadError as error:
+        raise _input_error(error) from None
+    except MemoryError:
+        raise InputError(413, "the image is too large to decode") from None
     return Upload(image=image, format=fmt)
+
+
+#: The reader's failures as HTTP statuses (the first matching class wins).
+_READ_ERROR_STATUS: tuple[tuple[type[ImageReadError], int], ...] = (
+    (ImageTooLargeError, 413),
+    (UnsupportedFormatError, 415),
+    (NoImageError, 422),
+    (DimensionalityError, 422),
+    (CorruptImageError, 400),
+)
+
+
+def _input_error(error: ImageReadError) -> InputError:
+    status = next((code for kind, code in _READ_ERROR_STATUS if isinstance(error, kind)), 400)
+    return InputError(status, str(error)[:500])
 
 
 def prepare_upload(
@@ -978,7 +947,7 @@ def prepare_upload(
     if array.ndim not in (2, 3):
         raise InputError(
             422,
-            f"wrong dimensionality: the {_FORMAT_NAMES[upload.format]} has shape {shape}; models take 2D images or 3D volumes",
+            f"wrong dimensionality: the {FORMAT_NAMES[upload.format]} has shape {shape}; models take 2D images or 3D volumes",
         )
     if array.size == 0:
         raise InputError(422, f"the image is empty (shape {shape})")
@@ -1071,181 +1040,6 @@ def encode_map(prepared: Prepared, calibrated: np.ndarray, spec: Any) -> dict[st
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-_FORMAT_NAMES = {
-    "dicom": "a DICOM file",
-    "nifti": "a NIfTI file",
-    "nifti-gz": "a gzipped NIfTI file",
-    "png": "a PNG",
-    "jpeg": "a JPEG",
-    "bmp": "a BMP",
-    "tiff": "a TIFF",
-}
-# DICOM value representations that can carry identity (names, ids, dates, free text, UIDs).
-_IDENTITY_VRS = {"PN", "LO", "SH", "DA", "DT", "TM", "UI", "ST", "LT", "UT", "AE", "AS", "UC", "UR"}
-
-
-def _nifti_version(head: bytes) -> int:
-    """1 or 2 when ``head`` starts a single-file NIfTI-1 / NIfTI-2 header, else 0."""
-    if len(head) >= 348:
-        for endian in "<>":
-            if struct.unpack(f"{endian}i", head[:4])[0] == 348 and head[344:348] == b"n+1\x00":
-                return 1
-    if len(head) >= 540:
-        for endian in "<>":
-            if struct.unpack(f"{endian}i", head[:4])[0] == 540 and head[4:8] == b"n+2\x00":
-                return 2
-    return 0
-
-
-def _truncated_nifti_header(head: bytes) -> bool:
-    """True when ``head`` starts like a NIfTI header (its sizeof_hdr) but ends before the magic."""
-    if len(head) < 4:
-        return False
-    sizes = {struct.unpack(f"{endian}i", head[:4])[0] for endian in "<>"}
-    return (348 in sizes and len(head) < 348) or (540 in sizes and len(head) < 540)
-
-
-def _check_nifti(body: bytes, fmt: str, max_voxels: int) -> None:
-    """Dimensions from the header, refused before any voxel is decompressed."""
-    head = body[:544]
-    if fmt == "nifti-gz":
-        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, 544)
-    version = _nifti_version(head)
-    endian = "<" if struct.unpack("<i", head[:4])[0] in (348, 540) else ">"
-    if version == 1:
-        dims = struct.unpack(f"{endian}8h", head[40:56])
-    else:
-        dims = struct.unpack(f"{endian}8q", head[16:80])
-    ndim = dims[0]
-    if not 1 <= ndim <= 7:
-        raise InputError(400, f"invalid NIfTI header: dim[0] = {ndim} (must be 1 to 7)")
-    shape = tuple(int(d) for d in dims[1 : ndim + 1])
-    if any(d < 1 for d in shape):
-        raise InputError(400, f"invalid NIfTI header: dimensions {shape}")
-    if ndim not in (2, 3):
-        raise InputError(
-            422, f"wrong dimensionality: the NIfTI has shape {shape}; models take 2D images or 3D volumes"
-        )
-    voxels = int(np.prod(shape, dtype=np.float64))
-    if voxels > max_voxels:
-        raise InputError(
-            413, f"the NIfTI declares {voxels} voxels {shape}, over the limit of {max_voxels} (max_voxels)"
-        )
-
-
-def _check_picture(body: bytes, fmt: str, max_voxels: int) -> None:
-    """Pixel count from the picture's header (Pillow opens lazily), refused before decoding."""
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(body)) as picture:
-                width, height = picture.size
-    except Image.DecompressionBombError:
-        raise InputError(
-            413, f"the picture is too large to decode (over the limit of {max_voxels} pixels)"
-        ) from None
-    except Exception as error:
-        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the body", " ".join(str(error).split()))
-        raise InputError(400, f"corrupt {fmt.upper()}: {type(error).__name__}: {reason[:200]}") from None
-    if width * height > max_voxels:
-        raise InputError(
-            413, f"the picture has {width}x{height} pixels, over the limit of {max_voxels} (max_voxels)"
-        )
-
-
-def _check_dicom(body: bytes, max_voxels: int) -> list[str]:
-    """Header checks (size, transfer syntax); returns the identity values to keep out of messages."""
-    import pydicom
-    from pydicom.pixels import get_decoder
-
-    try:
-        header = pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True, force=True)
-        secrets = _identity_values(header)
-        rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
-        frames = int(header.get("NumberOfFrames") or 1)
-        samples = int(header.get("SamplesPerPixel") or 1)
-        syntax = header.file_meta.get("TransferSyntaxUID") if hasattr(header, "file_meta") else None
-    except InputError:
-        raise
-    except Exception as error:  # pydicom's own messages may quote raw values: name the failure only
-        raise InputError(
-            400, f"not a readable DICOM file ({type(error).__name__} while reading the header)"
-        ) from None
-    if not rows or not columns:
-        raise InputError(
-            400, "the DICOM file holds no image (no Rows/Columns): truncated, or not an image object"
-        )
-    pixels = rows * columns * max(frames, 1) * max(samples, 1)
-    if pixels > max_voxels:
-        raise InputError(
-            413,
-            f"the DICOM declares {rows}x{columns}x{frames} pixels, over the limit of {max_voxels} (max_voxels)",
-        )
-    if syntax is not None:
-        try:
-            available = get_decoder(syntax).is_available
-        except NotImplementedError:
-            available = False
-        if not available:
-            name = getattr(syntax, "name", "") or str(syntax)
-            shown = name if name == str(syntax) else f"{name} ({syntax})"
-            raise InputError(
-                415, f"unsupported DICOM transfer syntax {shown}: no pixel data decoder is installed for it"
-            )
-    return secrets
-
-
-def _identity_values(header: Any) -> list[str]:
-    """Every text value of a DICOM header that could identify someone (longest first)."""
-    from medood.platform.data.privacy import DICOM_META_WHITELIST
-
-    values: set[str] = set()
-    for element in header.iterall():
-        if element.keyword in DICOM_META_WHITELIST or element.VR not in _IDENTITY_VRS:
-            continue
-        raw = element.value
-        items = raw if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw]
-        for item in items:
-            text = str(item).strip()
-            if len(text) >= 3:
-                values.add(text)
-                values.update(p for p in re.split(r"[\^=\s]+", text) if len(p) >= 3)
-    return sorted(values, key=len, reverse=True)
-
-
-def _read_error(fmt: str, reason: str, folder: Path, secrets: list[str]) -> InputError:
-    """A reader's failure as a 4xx: unsupported codec 415, image-less DICOM 422, corrupt data 400."""
-    message = _scrub(reason, folder, secrets)
-    lowered = message.lower()
-    unsupported = ("notimplementederror", "no pixel data decoders", "missing dependencies", "no plugins")
-    if fmt == "dicom" and any(words in lowered for words in unsupported):
-        return InputError(415, f"cannot decode the DICOM pixel data: {message}")
-    if fmt == "dicom" and "no pixel data" in lowered:
-        return InputError(422, f"the DICOM file holds no image: {message}")
-    return InputError(400, f"could not read {_FORMAT_NAMES[fmt]} (truncated or corrupt?): {message}")
-
-
-def _scrub(message: str, folder: Path, secrets: list[str]) -> str:
-    """A message without the temporary path and without any identity value of the upload."""
-    message = message.replace(str(folder / "upload"), "<upload>").replace(str(folder), "<upload-dir>")
-    for value in secrets:
-        message = message.replace(value, "[redacted]")
-    return message[:500]
-
-
-def _private_temp_root(size: int) -> str | None:
-    """``/dev/shm`` (memory: uploads never reach a disk) when usable and roomy enough, else the default temp dir."""
-    shm = "/dev/shm"
-    try:
-        roomy = shutil.disk_usage(shm).free > 2 * size + 64 * 1024 * 1024
-    except OSError:
-        return None
-    return shm if roomy and os.access(shm, os.W_OK | os.X_OK) else None
 
 
 def authorize(header: str | None, token_sha256: str | None) -> None:

@@ -1,10 +1,11 @@
 """The data commands of ``medood``: ``medood ingest`` and ``medood data info|synth``.
 
 ``medood/platform/cli.py`` mounts them with ``app.command("ingest")(ingest_command)`` and
-``app.add_typer(data_app, name="data")``. Usage errors (an unknown layout, a malformed
-``--split`` or ``--option``) name the bad value and the allowed ones and exit with code 2; input
-errors that stop an ingest (``IngestError``) exit with 1, as does ``--strict`` when anything was
-quarantined.
+``app.add_typer(data_app, name="data")``. Only usage errors (an unknown layout, a malformed
+``--split`` or ``--option``, a missing source folder) exit with code 2, naming the bad value and
+the allowed ones. Data errors never stop an ingest: each bad file is quarantined with a reason and
+the ingest exits 0, or 1 with ``--strict`` when anything was quarantined. Input that is not one
+file's fault (a label CSV listing a missing file, duplicate ids: ``IngestError``) exits with 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import typer
 from rich.console import Console
 
 from medood.platform.data.ingest import DEFAULT_MAX_SHARD_BYTES, MIB, IngestError, info, info_tables, ingest
-from medood.platform.data.layouts import LAYOUTS, get_layout
+from medood.platform.data.layouts import LAYOUTS, UsageError, get_layout
+from medood.platform.data.readers import DEFAULT_MAX_VOXELS
 
 data_app = typer.Typer(help="Inspect shards and generate the embedded data sets.", no_args_is_help=True)
 _console = Console(soft_wrap=True)
@@ -60,11 +62,22 @@ def ingest_command(
         str | None, typer.Option("--dataset", help="Dataset name in rows (default: layout).")
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    max_voxels: Annotated[
+        int,
+        typer.Option(
+            "--max-voxels",
+            help="Largest image accepted, in voxels, checked on each file's header before decoding "
+            "(the limit `medood serve` uses too); larger files are quarantined.",
+        ),
+    ] = DEFAULT_MAX_VOXELS,
 ) -> None:
-    """Turn SRC (in a known layout) into Parquet shards and a manifest under OUT."""
+    """Turn SRC (in a known layout) into Parquet shards and a manifest under OUT.
+
+    Every image file ends in rows or in quarantine with a reason; a bad file never stops the others.
+    """
     try:
         spec = get_layout(layout)
-    except ValueError as error:
+    except UsageError as error:
         raise typer.BadParameter(str(error), param_hint="--layout") from None
     options = parse_options(option or [], spec.options, layout)
     fractions = parse_split(split)
@@ -72,6 +85,8 @@ def ingest_command(
         raise typer.BadParameter(f"must be in [0, 1], got {train_anomalies}", param_hint="--train-anomalies")
     if max_shard_mb <= 0:
         raise typer.BadParameter(f"must be positive, got {max_shard_mb}", param_hint="--max-shard-mb")
+    if max_voxels < 1:
+        raise typer.BadParameter(f"must be positive, got {max_voxels}", param_hint="--max-voxels")
     try:
         report = ingest(
             layout,
@@ -85,12 +100,13 @@ def ingest_command(
             salt=salt,
             dataset=dataset,
             progress=progress,
+            max_voxels=max_voxels,
             **options,
         )
     except IngestError as error:
         _errors.print(f"error: {error}", markup=False, highlight=False)
         raise typer.Exit(1) from None
-    except ValueError as error:
+    except UsageError as error:
         raise typer.BadParameter(str(error)) from None
     _console.print(report.summary(), markup=False, highlight=False)
     if report.failed:

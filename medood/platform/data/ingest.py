@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -52,18 +53,20 @@ from medood.platform.data.layouts import (
     IngestError,
     LayoutContext,
     SourceFile,
+    UsageError,
     get_layout,
     is_hidden,
     relative,
 )
 from medood.platform.data.privacy import Salt, pseudonymize, resolve_salt
-from medood.platform.data.readers import describe_error, image_format
-from medood.platform.data.schema import SCHEMA_VERSION, SHARD_SCHEMA, SPLITS, Record
+from medood.platform.data.readers import DEFAULT_MAX_VOXELS, describe_error, image_format
+from medood.platform.data.schema import GENERATION_FILE, SCHEMA_VERSION, SHARD_SCHEMA, SPLITS, Record
 
 __all__ = [
     "IngestError",
     "IngestReport",
     "QuarantineEntry",
+    "UsageError",
     "assign_splits",
     "info",
     "info_tables",
@@ -84,6 +87,7 @@ POOL_SPLITS: dict[str | None, tuple[str, ...]] = {
     "test": ("test",),
 }
 RULE_TRAIN_ABNORMAL = "abnormal in a train group (train holds normal cases; see train_anomalies)"
+NON_FINITE = "the image holds NaN or infinite values"
 
 
 @dataclass(frozen=True)
@@ -169,41 +173,57 @@ def ingest(
     salt: str | None = None,
     dataset: str | None = None,
     progress: bool = True,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
     **layout_options: Any,
 ) -> IngestReport:
     """Ingest ``src`` (in ``layout``) into shards and a manifest under ``out``.
 
-    Bad files are quarantined and ingest goes on; ``IngestError`` is raised for input it cannot
-    work around (a listed file that is missing, a mask of another shape, duplicate ids).
-    ``strict`` only marks the report: ``report.failed`` is true when anything was quarantined.
+    Per-file isolation: whatever a file holds, it ends in rows or in quarantine with a reason
+    (which names a DICOM tag, never a header value), and the other files go on. Images whose
+    header declares more than ``max_voxels`` voxels are refused before decoding (the limit
+    ``medood serve`` uses too). ``UsageError`` (a ``ValueError``) is raised for bad arguments;
+    ``IngestError`` for input that is not one file's fault (a file a label CSV lists that is
+    missing, a label file that does not parse, duplicate ids). ``strict`` only marks the report:
+    ``report.failed`` is true when anything was quarantined.
+
+    For data written by ``medood.platform.data.synthetic`` (a ``generation.json`` at the root of
+    ``src``), each row's meta holds the case's anomaly type as ``meta["anomaly"]`` ("normal" for
+    normal cases), so evaluation can report results per anomaly type.
     """
     spec = get_layout(layout)
     unknown = sorted(set(layout_options) - set(spec.options))
     if unknown:
         allowed = ", ".join(sorted(spec.options)) or "none"
-        raise ValueError(f"unknown option {unknown[0]!r} for layout {layout!r}; known: {allowed}")
+        raise UsageError(f"unknown option {unknown[0]!r} for layout {layout!r}; known: {allowed}")
     fractions = _check_splits(splits)
     if not 0.0 <= float(train_anomalies) <= 1.0:
-        raise ValueError(f"train_anomalies must be in [0, 1], got {train_anomalies!r}")
+        raise UsageError(f"train_anomalies must be in [0, 1], got {train_anomalies!r}")
     if int(max_shard_bytes) <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes!r}")
+        raise UsageError(f"max_shard_bytes must be positive, got {max_shard_bytes!r}")
+    if isinstance(max_voxels, bool) or int(max_voxels) < 1:
+        raise UsageError(f"max_voxels must be a positive integer, got {max_voxels!r}")
     source_dir = Path(src).expanduser().resolve()
     out_dir = Path(out).expanduser().resolve()
     if not source_dir.is_dir():
-        raise IngestError(f"source folder {source_dir} does not exist or is not a folder")
+        raise UsageError(f"source folder {source_dir} does not exist or is not a folder")
     if out_dir == source_dir:
-        raise ValueError("out must differ from src")
-    the_salt = resolve_salt(salt)
+        raise UsageError("out must differ from src")
+    try:
+        the_salt = resolve_salt(salt)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     params = _params(
         layout, layout_options, seed, fractions, train_anomalies, max_shard_bytes, dataset, the_salt
     )
+    params["max_voxels"] = int(max_voxels)
     inputs = _walk(source_dir, out_dir)
     fingerprint = _fingerprint(params, source_dir, inputs)
     current = _current_manifest(out_dir)
     if current is not None and current.get("input_fingerprint") == fingerprint:
         return IngestReport(out_dir, current, up_to_date=True, strict=strict)
 
-    context = LayoutContext(source_dir, lambda key: pseudonymize(key, the_salt))
+    context = LayoutContext(source_dir, lambda key: pseudonymize(key, the_salt), int(max_voxels))
+    anomalies = _synthetic_anomalies(source_dir)
     found = spec.run(context, **layout_options)
     if not found.cases and not found.quarantined:
         raise IngestError(f"layout {layout!r} found no images under {source_dir}")
@@ -219,14 +239,13 @@ def ingest(
     for source, reason in found.quarantined:
         tally.quarantine_files([source], reason)
     cases = sorted(found.cases, key=lambda c: c.id)
-    anomaly_types = _generated_anomaly_types(source_dir)
     try:
         with _progress(progress, len(cases), f"ingest {layout}") as advance:
             for case in cases:
                 advance()
                 split, keep_anomalies = assignment[case.id]
                 group = pseudonymize(case.group_key, the_salt)
-                _ingest_case(case, split, keep_anomalies, group, name, writer, tally, source_dir, anomaly_types)
+                _ingest_case(case, split, keep_anomalies, group, name, writer, tally, source_dir, anomalies)
         shards = writer.close()
     except BaseException:
         writer.abort()  # no half-written temporary shard is left behind
@@ -423,27 +442,6 @@ class _Tally:
             self.quarantine.setdefault(f.path, reason)
 
 
-def _generated_anomaly_types(source_dir: Path) -> dict[str, str]:
-    """File (relative to the source) -> anomaly type, from the ``generation.json`` of an embedded data set."""
-    from medood.platform.data.schema import GENERATION_FILE
-
-    path = source_dir / GENERATION_FILE
-    if not path.is_file():
-        return {}
-    try:
-        cases = json.loads(path.read_text())["cases"]
-        return {str(c["file"]): str(c.get("anomaly") or "normal") for c in cases if "file" in c}
-    except (ValueError, KeyError, TypeError) as error:
-        raise IngestError(f"{path}: not a generation record written by `medood data synth` ({error})") from None
-
-
-def _anomaly_meta(anomaly_types: dict[str, str] | None, case: Case, src: Path) -> dict[str, str]:
-    if not anomaly_types:
-        return {}
-    kind = anomaly_types.get(relative(case.files[0].path, src))
-    return {"anomaly": kind} if kind else {}
-
-
 def _ingest_case(
     case: Case,
     split: str,
@@ -453,53 +451,81 @@ def _ingest_case(
     writer: ShardWriter,
     tally: _Tally,
     src: Path,
-    anomaly_types: dict[str, str] | None = None,
+    anomalies: dict[str, str] | None = None,
 ) -> None:
-    """Read one case and write its rows, or record why its files are excluded or quarantined."""
+    """Read one case and write its rows, or record why its files are excluded or quarantined.
+
+    Nothing a file holds escapes as an exception: decoding, checking and building the rows all
+    happen before the first row is written, and any failure quarantines the case's files.
+    """
     if split == "train" and case.label == 1 and not case.mixed and not keep_anomalies:
         tally.excluded.extend((f.path, RULE_TRAIN_ABNORMAL) for f in case.files)
         return
     tally.see(case.files)
     try:
         loaded = case.load()
+        kept, dropped = [], Counter(loaded.dropped)
+        for item in loaded.items:
+            if split == "train" and item.label == 1 and not keep_anomalies:
+                dropped[RULE_TRAIN_ABNORMAL] += 1
+            else:
+                kept.append(item)
+        rows = []
+        for item in kept:
+            if not _finite(item.image.array):
+                raise ValueError(NON_FINITE)
+            meta = {**item.image.meta, **item.meta}
+            if anomalies is not None and case.files[0].display in anomalies:
+                meta["anomaly"] = anomalies[case.files[0].display]
+            record = Record(
+                id=item.id,
+                dataset=dataset,
+                split=split,
+                label=item.label,
+                group=group,
+                image=item.image.array,
+                mask=item.mask,
+                spacing=item.image.spacing,
+                affine=item.image.affine,
+                meta=meta,
+            )
+            rows.append((item, record.to_row()))
     except IngestError:
         raise
-    except Exception as error:  # corrupt, truncated, unsupported: quarantine and go on
+    except Exception as error:  # corrupt, truncated, unsupported, too large: quarantine and go on
         tally.quarantine_files(case.files, _sanitize(describe_error(error), case, src))
         return
-    tally.dropped.update(loaded.dropped)
-    kept = []
-    for item in loaded.items:
-        if split == "train" and item.label == 1 and not keep_anomalies:
-            tally.dropped[RULE_TRAIN_ABNORMAL] += 1
-        else:
-            kept.append(item)
-    if not kept:
+    tally.dropped.update(dropped)
+    if not rows:
         rules = ", ".join(sorted(loaded.dropped)) or RULE_TRAIN_ABNORMAL
         tally.quarantine_files(case.files, f"no rows left after rules ({rules})")
         return
-    for item in kept:
+    for item, row in rows:
         if item.id in tally.row_sources:
             raise IngestError(
                 f"duplicate id {item.id!r}: from {tally.row_sources[item.id]} and {case.files[0].display}"
             )
         tally.row_sources[item.id] = case.files[0].display
-        record = Record(
-            id=item.id,
-            dataset=dataset,
-            split=split,
-            label=item.label,
-            group=group,
-            image=item.image.array,
-            mask=item.mask,
-            spacing=item.image.spacing,
-            affine=item.image.affine,
-            meta={**item.image.meta, **item.meta, **_anomaly_meta(anomaly_types, case, src)},
-        )
-        writer.add(record.to_row())
+        writer.add(row)
         tally.counts[split][{0: "normal", 1: "abnormal", None: "unlabeled"}[item.label]] += 1
         tally.groups[split].add(group)
     tally.in_rows.update(f.path for f in case.files)
+
+
+def _finite(array: Any) -> bool:
+    return array.dtype.kind not in "fc" or bool(np.isfinite(array).all())
+
+
+def _synthetic_anomalies(src: Path) -> dict[str, str] | None:
+    """File (relative to ``src``) -> anomaly type, from a synthetic data set's ``generation.json``."""
+    path = src / GENERATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        cases = json.loads(path.read_text())["cases"]
+        return {str(c["file"]): str(c.get("anomaly") or "normal") for c in cases}
+    except Exception:  # not ours, or damaged: rows simply carry no anomaly type
+        return None
 
 
 # --- shard writing -----------------------------------------------------------------------------------
@@ -596,7 +622,7 @@ def _check_splits(splits: Sequence[float]) -> tuple[float, float, float]:
     values = tuple(float(s) for s in splits)
     if len(values) != 3 or any(v < 0 or math.isnan(v) for v in values) or abs(sum(values) - 1.0) > 1e-6:
         shown = ",".join(str(s) for s in splits)
-        raise ValueError(
+        raise UsageError(
             f"splits must be three non-negative fractions (train,val,test) summing to 1, got {shown}"
         )
     return values  # type: ignore[return-value]

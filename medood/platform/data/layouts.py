@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from medood.platform.data.readers import (
+    DEFAULT_MAX_VOXELS,
     ImageData,
     describe_error,
     group_dicom_files,
@@ -63,8 +64,17 @@ SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 
 
 class IngestError(ValueError):
-    """Input that ingest cannot quarantine around: a missing listed file, a mask of the wrong shape,
-    duplicate ids, a label file it cannot parse. The message names the file."""
+    """Input that ingest cannot quarantine around: a missing listed file, duplicate ids, a label
+    file it cannot parse. The message names the file. (A bad image file is never one: it is
+    quarantined.)"""
+
+
+class UsageError(ValueError):
+    """A bad argument (unknown layout or option, a bad option value): the CLI exits 2 on it."""
+
+
+class MaskShapeError(ValueError):
+    """A mask whose shape differs from its image's: the case is quarantined with this reason."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,7 @@ class LayoutContext:
 
     src: Path
     pseudonymize: Callable[[str], str]
+    max_voxels: int = DEFAULT_MAX_VOXELS  # images declaring more are refused from their header
 
     def source(self, path: Path) -> SourceFile:
         return SourceFile(path, relative(path, self.src))
@@ -145,7 +156,7 @@ class Layout:
         for key in options:
             if key not in known:
                 allowed = ", ".join(sorted(known)) or "none"
-                raise ValueError(f"unknown option {key!r} for layout {self.name!r}; known: {allowed}")
+                raise UsageError(f"unknown option {key!r} for layout {self.name!r}; known: {allowed}")
         return self.discover(context, **options)
 
 
@@ -163,7 +174,7 @@ def register_layout(name: str) -> Callable[[Callable[..., Discovery]], Callable[
 def get_layout(name: str) -> Layout:
     """The layout registered under ``name``; ``ValueError`` naming the known ones otherwise."""
     if name not in LAYOUTS:
-        raise ValueError(f"unknown layout {name!r}; known: {', '.join(sorted(LAYOUTS))}")
+        raise UsageError(f"unknown layout {name!r}; known: {', '.join(sorted(LAYOUTS))}")
     return LAYOUTS[name]
 
 
@@ -189,7 +200,7 @@ def discover_mood(context: LayoutContext, *, region: str = "brain") -> Discovery
                     id=source.display,
                     group_key=f"{region}_train/{_strip_suffix(path.name)}",
                     files=[source],
-                    load=_single_loader(source, None, 0, source.display, {}),
+                    load=_single_loader(context, source, None, 0, source.display, {}),
                     label=0,
                     pool="train",
                 )
@@ -215,7 +226,7 @@ def discover_mood(context: LayoutContext, *, region: str = "brain") -> Discovery
         files = [source] + ([mask] if mask is not None else [])
         if label is None and mask is not None:
             try:  # no sample label: a case is abnormal when its pixel mask has any voxel set
-                label = int(read_mask(mask.path).any())
+                label = int(read_mask(mask.path, max_voxels=context.max_voxels).any())
             except Exception as error:
                 found.quarantined.extend((f, f"mask {mask.display}: {describe_error(error)}") for f in files)
                 continue
@@ -224,7 +235,7 @@ def discover_mood(context: LayoutContext, *, region: str = "brain") -> Discovery
                 id=source.display,
                 group_key=f"toy/{_strip_suffix(path.name)}",
                 files=files,
-                load=_single_loader(source, mask, label, source.display, {}),
+                load=_single_loader(context, source, mask, label, source.display, {}),
                 label=label,
                 pool="valtest",
             )
@@ -282,7 +293,7 @@ def discover_brats(context: LayoutContext, *, modality: str = "flair") -> Discov
                 id=image.display,
                 group_key=name,
                 files=[image] + ([seg] if seg is not None else []),
-                load=_brats_loader(image, seg, modality),
+                load=_brats_loader(image, seg, modality, context.max_voxels),
                 label=None,
                 mixed=seg is not None,
             )
@@ -290,12 +301,17 @@ def discover_brats(context: LayoutContext, *, modality: str = "flair") -> Discov
     return found
 
 
-def _brats_loader(image: SourceFile, seg: SourceFile | None, modality: str) -> Callable[[], CaseRows]:
+def _brats_loader(
+    image: SourceFile, seg: SourceFile | None, modality: str, max_voxels: int
+) -> Callable[[], CaseRows]:
     def load() -> CaseRows:
-        volume = read_nifti(image.path)
+        volume = read_nifti(image.path, max_voxels=max_voxels)
         labels = None
         if seg is not None:
-            labels = read_nifti(seg.path).array
+            try:
+                labels = read_nifti(seg.path, max_voxels=max_voxels).array
+            except Exception as error:
+                raise ValueError(f"mask {seg.display}: {describe_error(error)}") from error
             _check_mask_shape(seg, labels.shape, image, volume.array.shape)
         if volume.array.ndim != 3:
             raise ValueError(f"expected a 3D volume, got shape {volume.array.shape}")
@@ -358,7 +374,7 @@ def discover_chexpert(context: LayoutContext, *, view: str = "frontal") -> Disco
                     id=source.display,
                     group_key=patient.group(0) if patient else _strip_suffix(path.name),
                     files=[source],
-                    load=_single_loader(source, None, label, source.display, meta),
+                    load=_single_loader(context, source, None, label, source.display, meta),
                     label=label,
                     pool=pool,
                 )
@@ -390,7 +406,7 @@ def discover_zhanglab(context: LayoutContext) -> Discovery:
                         id=source.display,
                         group_key=f"{split}/{patient}",
                         files=[source],
-                        load=_single_loader(source, None, label, source.display, {}),
+                        load=_single_loader(context, source, None, label, source.display, {}),
                         label=label,
                         pool=pool,
                     )
@@ -443,7 +459,7 @@ def discover_mura(context: LayoutContext, *, body_part: str | None = None) -> Di
                     id=source.display,
                     group_key=f"{patient}/{part}",
                     files=[source],
-                    load=_single_loader(source, None, label, source.display, {"body_part": part}),
+                    load=_single_loader(context, source, None, label, source.display, {"body_part": part}),
                     label=label,
                     pool=pool,
                 )
@@ -460,7 +476,7 @@ RSNA_NOT_NORMAL = "No Lung Opacity / Not Normal"
 @register_layout("rsna")
 def discover_rsna(context: LayoutContext, *, drop_not_normal: bool = False) -> Discovery:
     if not isinstance(drop_not_normal, bool):
-        raise ValueError(f"drop_not_normal must be true or false, got {drop_not_normal!r}")
+        raise UsageError(f"drop_not_normal must be true or false, got {drop_not_normal!r}")
     root = _find_dir_with(context.src, ("stage_2_train_labels.csv",))
     if root is None:
         raise IngestError(f"no RSNA stage_2_train_labels.csv under {context.src}")
@@ -506,7 +522,7 @@ def discover_rsna(context: LayoutContext, *, drop_not_normal: bool = False) -> D
                 id=f"rsna-{alias}",
                 group_key=patient,
                 files=[source],
-                load=_rsna_loader(source, f"rsna-{alias}", name, boxes[patient]),
+                load=_rsna_loader(source, f"rsna-{alias}", name, boxes[patient], context.max_voxels),
                 label=label,
             )
         )
@@ -518,10 +534,14 @@ def discover_rsna(context: LayoutContext, *, drop_not_normal: bool = False) -> D
 
 
 def _rsna_loader(
-    source: SourceFile, row_id: str, class_name: str, boxes: list[tuple[float, float, float, float]]
+    source: SourceFile,
+    row_id: str,
+    class_name: str,
+    boxes: list[tuple[float, float, float, float]],
+    max_voxels: int,
 ) -> Callable[[], CaseRows]:
     def load() -> CaseRows:
-        image = read_image(source.path)
+        image = read_image(source.path, max_voxels=max_voxels)
         image.patient_id = None
         if image.array.ndim != 2:
             raise ValueError(f"expected a 2D radiograph, got shape {image.array.shape}")
@@ -551,7 +571,7 @@ def discover_folder(context: LayoutContext, *, group_regex: str | None = None) -
         try:
             pattern = re.compile(group_regex)
         except re.error as error:
-            raise ValueError(
+            raise UsageError(
                 f"group_regex {group_regex!r} is not a valid regular expression: {error}"
             ) from None
     class_dirs = {name: src / name for name in FOLDER_CLASSES if (src / name).is_dir()}
@@ -567,7 +587,7 @@ def discover_folder(context: LayoutContext, *, group_regex: str | None = None) -
         label = FOLDER_CLASSES[class_name]
         files = list_files(class_dir)
         dicom_files = [p for p in files if image_format(p) == "dicom"]
-        units, failures = group_dicom_files(dicom_files)
+        units, failures = group_dicom_files(dicom_files, max_voxels=context.max_voxels)
         found.quarantined.extend((context.source(p), reason) for p, reason in failures)
         entries: list[tuple[list[Path], str | None, bool]] = [
             (u.files, u.patient_id, u.is_series) for u in units
@@ -587,7 +607,7 @@ def discover_folder(context: LayoutContext, *, group_regex: str | None = None) -
                     within.parent.as_posix() if within.parent != Path(".") else _strip_suffix(within.name)
                 )
                 group_key = _folder_group(pattern, within.parent.as_posix(), patient_id, folder_key)
-                load = _series_loader(sources, case_id, label)
+                load = _series_loader(sources, case_id, label, context.max_voxels)
             else:
                 case_id = sources[0].display
                 mask_path = _find_mask(masks_dir, class_name, within, used_masks)
@@ -598,7 +618,7 @@ def discover_folder(context: LayoutContext, *, group_regex: str | None = None) -
                     sources.append(mask)
                 default = within.parts[0] if len(within.parts) > 1 else _strip_suffix(within.name)
                 group_key = _folder_group(pattern, within.as_posix(), patient_id, default)
-                load = _single_loader(sources[0], mask, label, case_id, {})
+                load = _single_loader(context, sources[0], mask, label, case_id, {})
             found.cases.append(Case(case_id, group_key, sources, load, label=label))
     for path in list_files(masks_dir):
         if path not in used_masks:
@@ -634,9 +654,11 @@ def _find_mask(masks_dir: Path, class_name: str, within: Path, taken: set[Path])
     return None
 
 
-def _series_loader(sources: list[SourceFile], case_id: str, label: int | None) -> Callable[[], CaseRows]:
+def _series_loader(
+    sources: list[SourceFile], case_id: str, label: int | None, max_voxels: int
+) -> Callable[[], CaseRows]:
     def load() -> CaseRows:
-        image = read_dicom_series([s.path for s in sources])
+        image = read_dicom_series([s.path for s in sources], max_voxels=max_voxels)
         image.patient_id = None
         return CaseRows([Item(case_id, image, label, None, {})])
 
@@ -673,14 +695,21 @@ def relative(path: Path, root: Path) -> str:
 
 
 def _single_loader(
-    source: SourceFile, mask: SourceFile | None, label: int | None, row_id: str, meta: dict[str, Any]
+    context: LayoutContext,
+    source: SourceFile,
+    mask: SourceFile | None,
+    label: int | None,
+    row_id: str,
+    meta: dict[str, Any],
 ) -> Callable[[], CaseRows]:
+    max_voxels = context.max_voxels
+
     def load() -> CaseRows:
-        image = read_image(source.path)
+        image = read_image(source.path, max_voxels=max_voxels)
         mask_array = None
         if mask is not None:
             try:
-                mask_array = read_mask(mask.path)
+                mask_array = read_mask(mask.path, max_voxels=max_voxels)
             except Exception as error:
                 raise ValueError(f"mask {mask.display}: {describe_error(error)}") from error
             _check_mask_shape(mask, mask_array.shape, source, image.array.shape)
@@ -693,15 +722,15 @@ def _check_mask_shape(
     mask: SourceFile, mask_shape: tuple[int, ...], image: SourceFile, shape: tuple[int, ...]
 ) -> None:
     if tuple(mask_shape) != tuple(shape):
-        raise IngestError(
-            f"mask {mask.path} has shape {tuple(mask_shape)} but its image {image.path} has shape {tuple(shape)}"
+        raise MaskShapeError(
+            f"mask {mask.display} has shape {tuple(mask_shape)} but its image {image.display} has shape {tuple(shape)}"
         )
 
 
 def _check_choice(name: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")
+        raise UsageError(f"unknown {name} {value!r}; known: {', '.join(allowed)}")
 
 
 def _strip_suffix(name: str) -> str:

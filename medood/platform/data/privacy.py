@@ -96,18 +96,21 @@ def dicom_meta(dataset: Any) -> dict[str, Any]:
     """The whitelisted technical tags of a pydicom dataset as JSON-ready values.
 
     Nothing outside ``DICOM_META_WHITELIST`` is copied, so names, ids, dates, institutions and
-    free text never reach a shard.
+    free text never reach a shard. A whitelisted value that does not parse is left out.
     """
     meta: dict[str, Any] = {}
     for keyword in DICOM_META_WHITELIST:
-        if keyword == "TransferSyntaxUID":
-            file_meta = getattr(dataset, "file_meta", None)
-            value = None if file_meta is None else file_meta.get("TransferSyntaxUID")
-        else:
-            value = dataset.get(keyword)
-        if value is None or value == "":
+        try:
+            if keyword == "TransferSyntaxUID":
+                file_meta = getattr(dataset, "file_meta", None)
+                value = None if file_meta is None else file_meta.get("TransferSyntaxUID")
+            else:
+                value = dataset.get(keyword)
+            if value is None or value == "":
+                continue
+            meta[keyword] = _json_value(value)
+        except Exception:  # a malformed value of a tag only kept for information: left out
             continue
-        meta[keyword] = _json_value(value)
     return meta
 
 
