@@ -59,14 +59,12 @@ Choices where the thesis is silent or ambiguous (each also commented where it is
   and the student outputs the mean image (issue 9); ``addressing="dot"`` is the faithful model.
 - In-painting block: 1x1 bottleneck 1/4, 8 heads, FFN width D/4, residual on N_ij (code, appendix A);
   missing neighbours are zero tokens masked out of the attention (§3.4.2 leaves borders open).
-- Generators mirror Table 3.2; learnable memories at the two deepest levels (4 and 3), patches merged
-  after the last memory (§3.7). Skips: the level-wise skip of generator level l is the encoder's
-  next-finer level l-1, concatenated after the transposed convolution that leaves level l, as in the
-  authors' code (its ``up`` blocks upsample, then concatenate the encoder feature of the new resolution;
-  the bottleneck itself is never skipped, appendix A). A skip of the bottleneck would hand the
-  un-in-painted feature to the student, which Eq. 3.4 forbids at inference. The teacher has the same
-  skips, detached with its input under stop-gradient (code). The student's memories have a masked
-  shortcut with the same rho (code). Output: transposed convolution + sigmoid.
+- Generators: Table 3.2's widths and resolutions; skips and learnable memories ("S&M") at the two levels
+  above the deepest, the skip being the encoder's next-finer level, as in the authors' code (appendix A):
+  Table 3.2's literal level-4 skip would be the un-in-painted bottleneck, which Eq. 3.4 keeps from the
+  student at inference (see ``Generator``). Patches merged after the last memory (§3.7). The teacher
+  has the same skips, detached with its input under stop-gradient (code). The student's memories have a
+  masked shortcut with the same rho (code). Output: transposed convolution + sigmoid.
 - L_gen is the non-saturating form -log D(G_s(E(I))) (DCGAN [57]; the authors' code); losses are means;
   L_dist sums per-level means and does not detach the teacher (code).
 - Adam with betas (0.5, 0.999) (DCGAN [57]; code); the thesis' weight decay for E and the generators,
@@ -220,12 +218,13 @@ class Squid(AnomalyMethod):
         },
         # The authors' DigitAnatomy setting (configs/digit_best.py, appendix A): a 3 x 3 grid matching the
         # 3 x 3 anatomy, 96 px (32 px patches), three encoder levels, 200 items per region, n_critic 1 and a
-        # student weight of 1. Sized for CPU (not the authors'): half their channels (16-32-64 instead of
-        # 32-64-128-256) and a 10x learning rate, so that ~30 epochs of ~600 images train in minutes.
+        # student weight of 1. Sized for CPU (not the authors'): a quarter of their channels (8-16-32 instead
+        # of 32-64-128), a lighter discriminator and a 10x learning rate, so that ~15 epochs of ~400 images
+        # train in a few minutes on one core.
         "digitanatomy": {
-            "image_size": 96, "grid": 3, "batch_size": 16, "epochs": 30, "channels": (16, 32, 64),
-            "discriminator_channels": (8, 16, 32, 64, 64), "memory_size": 200, "memory_matrix_size": 200,
-            "generator_period": 1, "lambda_s": 1.0, "lr": 1e-3, "lr_discriminator": 1e-3,
+            "image_size": 96, "grid": 3, "batch_size": 16, "epochs": 15, "channels": (8, 16, 32),
+            "discriminator_channels": (8, 16, 32, 32, 32), "memory_size": 200, "memory_matrix_size": 200,
+            "inpaint_heads": 4, "generator_period": 1, "lambda_s": 1.0, "lr": 1e-3, "lr_discriminator": 1e-3,
         },
     }
 
@@ -444,13 +443,21 @@ class Generator(nn.Module):
     """G_s / G_t (Table 3.2), from the deepest level up.
 
     Each level upsamples the level below it (a stride-2 transposed convolution; the deepest level takes
-    the in-painted bottleneck features) and refines it with a residual unit. The two deepest levels carry
-    "S&M" (Table 3.2): in the student a space-aware learnable memory with a masked shortcut follows their
-    residual unit, and their skip, the encoder's features of the next-finer level, is concatenated right
-    after the upsampling out of them (the authors' ``up`` blocks, appendix A), so the bottleneck itself is
-    never skipped (Eq. 3.4). Those two levels work per patch; the patches are then merged into one map
-    (§3.7), the skip after the merge merged alike, and the output is a transposed convolution and a
-    sigmoid (code).
+    the in-painted bottleneck features) and refines it with a residual unit. Two levels carry "S&M": the
+    encoder's features of the same resolution are concatenated after the upsampling (skip) and, in the
+    student, a space-aware learnable memory with a masked shortcut follows the residual unit. Those levels
+    work per patch; after the last memory the patches are merged into one map (§3.7), and the output is a
+    transposed convolution and a sigmoid (code).
+
+    Which two levels: Table 3.2 marks its levels 4 and 3, where level 4 has the bottleneck's resolution,
+    so its "level-wise skip" would be the un-in-painted bottleneck itself, handed to the student around
+    the in-painting block (Eq. 3.4 says the student sees only in-painted features at inference). The
+    authors' code (appendix A) never skips the bottleneck: its two S&M ``up`` blocks upsample the
+    in-painted bottleneck, concatenate the encoder features of the next-finer level and then apply the
+    memory. We follow the code: S&M at the two levels above the deepest (Table 3.2's levels 3 and 2 in our
+    channel layout); the deepest level only refines the in-painted features. Every skip is followed by a
+    memory in the student, so at inference no raw encoder feature reaches the output except through the
+    memories' addressing.
     ``forward`` returns the reconstruction and every level's features (for L_dist, Eq. 3.8).
     """
 
@@ -469,42 +476,39 @@ class Generator(nn.Module):
         depth = len(channels)
         self.grid, self.skip_connections, self.space_aware = grid, skip_connections, space_aware
         self.shortcut_probability = shortcut_probability
-        self.patch_levels = 2  # Table 3.2: S&M at levels 4 and 3 (the two deepest)
+        # Indices from the deepest level (0) up: the S&M levels, and the last one, after which patches merge.
+        self.sm_levels = [index for index in (1, 2) if index < depth]
+        self.merge_after = self.sm_levels[-1]
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
         self.memories = nn.ModuleList()
-        for level in reversed(range(depth)):
-            deepest = level == depth - 1
+        self.memory_levels: list[int] = []
+        for index, level in enumerate(reversed(range(depth))):
             self.ups.append(
                 nn.Identity()
-                if deepest
+                if index == 0
                 else Convolution(2, channels[level + 1], channels[level], strides=2, is_transposed=True, act="RELU", norm="BATCH")
             )
-            patch_level = level >= depth - self.patch_levels
-            width = channels[level] * (2 if self._skips_into(depth - 1 - level) else 1)
+            sm = index in self.sm_levels
+            width = channels[level] * (2 if skip_connections and sm else 1)
             self.blocks.append(ResidualUnit(2, width, channels[level], subunits=2, act="RELU", norm="BATCH"))
-            if memory is not None and patch_level:
+            if memory is not None and sm:
                 self.memories.append(SpaceAwareMemoryMatrix(dim=channels[level] * sizes[level] ** 2, **memory))
+                self.memory_levels.append(index)
         self.output = Convolution(2, channels[0], in_channels, strides=2, is_transposed=True, conv_only=True)
-
-    def _skips_into(self, index: int) -> bool:
-        """Whether the level ``index`` steps above the deepest receives a skip: the next-finer levels of
-        the two S&M levels (indices 1 and 2), never the deepest, whose input is the bottleneck."""
-        return self.skip_connections and 1 <= index <= self.patch_levels
 
     def forward(self, features: Tensor, skips: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         levels = []
         x = features
         for index, (up, block) in enumerate(zip(self.ups, self.blocks, strict=True)):
             x = up(x)
-            if self._skips_into(index):
-                skip = skips[-1 - index]
-                x = torch.cat([x, skip if index < self.patch_levels else from_patches(skip, self.grid)], dim=1)
+            if self.skip_connections and index in self.sm_levels:
+                x = torch.cat([x, skips[-1 - index]], dim=1)  # the encoder level of this resolution
             x = block(x)
-            if index < len(self.memories):
-                x = self._recall(self.memories[index], x)
+            if index in self.memory_levels:
+                x = self._recall(self.memories[self.memory_levels.index(index)], x)
             levels.append(x)
-            if index == self.patch_levels - 1:
+            if index == self.merge_after:
                 # §3.7: "after the last Memory Matrix, the feature patches are put back as a whole".
                 x = from_patches(x, self.grid)
         return torch.sigmoid(self.output(x)), levels
