@@ -26,31 +26,51 @@ D judges the student's reconstructions. Implemented equations:
 Training (§4.1.5): one stage, optimizer ``main`` (encoder, in-painting block, both generators) returns
 ``loss`` every ``generator_period``-th iteration (2), optimizer ``discriminator`` returns
 ``loss_discriminator`` every iteration, on detached reconstructions. The memory queue copies the
-encoder's (bottleneck) tokens once per training step and is never written elsewhere.
+encoder's (bottleneck) tokens once per generator step and is never written elsewhere.
 
-Score (Eq. 3.5): the discriminator's logit on the student's reconstruction, standardised by the mean and
-standard deviation of the same logit on normal training images (``fit_reference``), through a sigmoid,
-and flipped so that higher = more anomalous: ``A = sigmoid((mu - D) / sigma)`` (D says "real" for normal
-images; the authors' code computes ``1 - sigmoid((D - mu) / sigma)``, appendix A). The thesis gives no
-pixel map (§5.1); ``map`` is the student's squared reconstruction error, the "naive extension" of §5.2.
+Validation: in eval mode (``not self.training``; the platform computes val_loss under ``model.eval()``
+and ``torch.no_grad()``) ``training_step`` is a pure function of the batch: it always returns the
+generator loss (and the discriminator's), writes no queue, advances no counter and draws no random mask.
+
+Scores (``Config.score``):
+
+- ``discriminator``, Eq. 3.5: the discriminator's logit on the student's reconstruction, standardised by
+  the mean and standard deviation of the same logit on normal training images (``fit_reference``),
+  through a sigmoid, and flipped so that higher = more anomalous: ``A = sigmoid((mu - D) / sigma)`` (D
+  says "real" for normal images; the authors' code computes ``1 - sigmoid((D - mu) / sigma)``, appendix A).
+- ``reconstruction``: the mean squared error of the student's reconstruction, i.e. the mean of the map.
+  The student in-paints every patch from the memory of normal patches, so its error is what the
+  discriminator is meant to see; on DigitAnatomy it detects, where D's logit ranks ink and blur (issue 9).
+
+The thesis gives no pixel map (§5.1); ``map`` is the student's squared reconstruction error, the "naive
+extension" of §5.2, whatever the score.
 
 Choices where the thesis is silent or ambiguous (each also commented where it is made):
 
 - Gumbel shrinkage forward = softmax over the top-k similarities (§3.3.2; code, appendix A).
-- Queue: written every training iteration, discriminator-only ones included ("for each data batch ...
-  only once at each training step", §3.2.3); items are the bottleneck tokens (what is queried); reads
-  ignore slots not yet filled (the thesis does not say how an unfilled queue is read).
+- Queue: written once per generator step, with the tokens of that step's forward pass ("for each data
+  batch ... only once at each training step", §3.2.3, a step being an update of the network that holds
+  the queue; the authors' code calls ``MemoryQueue.update()`` right after the generator's
+  ``opt.step()`` and never on discriminator-only iterations, appendix A); items are the bottleneck tokens
+  (what is queried); reads ignore slots not yet filled (the thesis does not say how an unfilled queue is
+  read).
+- Addressing (``addressing``): the thesis' dot product (§3.2.2) or, by default, the cosine similarity
+  over a temperature (components/memory.py): with the dot product one large-norm item wins every query
+  and the student outputs the mean image (issue 9); ``addressing="dot"`` is the faithful model.
 - In-painting block: 1x1 bottleneck 1/4, 8 heads, FFN width D/4, residual on N_ij (code, appendix A);
   missing neighbours are zero tokens masked out of the attention (§3.4.2 leaves borders open).
-- Generators mirror Table 3.2; skips (concatenated encoder features of the same level) and learnable
-  memories at the two deepest levels, patches merged after the last memory (§3.7). The teacher has the
-  same skips, detached with its input under stop-gradient (code, appendix A). The student's memories
-  have a masked shortcut with the same rho (code). Output: transposed convolution + sigmoid.
+- Generators: Table 3.2's widths and resolutions; skips and learnable memories ("S&M") at the two levels
+  above the deepest, the skip being the encoder's next-finer level, as in the authors' code (appendix A):
+  Table 3.2's literal level-4 skip would be the un-in-painted bottleneck, which Eq. 3.4 keeps from the
+  student at inference (see ``Generator``). Patches merged after the last memory (§3.7). The teacher
+  has the same skips, detached with its input under stop-gradient (code). The student's memories have a
+  masked shortcut with the same rho (code). Output: transposed convolution + sigmoid.
 - L_gen is the non-saturating form -log D(G_s(E(I))) (DCGAN [57]; the authors' code); losses are means;
   L_dist sums per-level means and does not detach the teacher (code).
 - Adam with betas (0.5, 0.999) (DCGAN [57]; code); the thesis' weight decay for E and the generators,
   none for D (code; with lambda_dis = 0.005 the decay would outweigh a confident D's gradient).
-  Both learning rates follow cosine annealing over ``epochs`` down to ``lr_min`` = 2e-5 (§4.1.5).
+  Both learning rates follow cosine annealing over ``epochs`` down to ``lr_min_ratio`` times their
+  initial value: §4.1.5 decays 1e-4 to 2e-5, a ratio of 0.2, kept whatever the learning rate.
 """
 
 from __future__ import annotations
@@ -72,10 +92,11 @@ from medood.methods.components.inpainting import (
     InpaintingBlock,
     masked_shortcut,
 )
-from medood.methods.components.memory import SHRINKAGES, SpaceAwareMemoryMatrix
+from medood.methods.components.memory import ADDRESSINGS, SHRINKAGES, SpaceAwareMemoryMatrix
 from medood.methods.components.reconstruction_scores import reconstruction_scores
 
 INPAINTING_LEVELS = ("feature", "pixel")
+SCORES = ("reconstruction", "discriminator")
 LEAKY_RELU = ("leakyrelu", {"negative_slope": 0.2})
 
 
@@ -94,6 +115,12 @@ class Config(BaseConfig):
     memory_size: int = 200  # §4.4, Fig. 4.6: items per memory-queue region
     memory_matrix_size: int = 200  # not in the thesis; the authors' mem_num_slots (appendix A)
     top_k: int = 5  # §4.1.5: Gumbel shrinkage keeps the 5 most similar items
+    # How queries address memory items (both the queue and the student's matrices). "dot" is the thesis'
+    # w^k = F . M^k (§3.2.2); the default "cosine" (cos / memory_temperature; items of the learnable
+    # matrices initialised at feature scale) is our choice: with "dot", one item wins every query and the
+    # student reconstructs the mean training image for every input (issue 9; tests/test_squid.py).
+    addressing: str = "cosine"
+    memory_temperature: float = 0.1  # addressing="cosine" only: cosines in [-1, 1] -> logits in [-10, 10]
     shrink_threshold: float = 0.0025  # shrinkage="hard" only: MemAE-style threshold (authors' code)
     shortcut_probability: float = 0.95  # §4.1.5: rho of the masked shortcut
     inpaint_bottleneck: int = 4  # channel reduction of the 1x1 convolutions (code; §3.4.2 gives none)
@@ -105,7 +132,7 @@ class Config(BaseConfig):
     lambda_dis: float = 0.005
     lr: float = 1e-4  # §4.1.5, generator and discriminator
     lr_discriminator: float = 1e-4
-    lr_min: float = 2e-5  # §4.1.5: cosine annealing "eventually decayed to 2e-5" over the run
+    lr_min_ratio: float = 0.2  # §4.1.5: cosine annealing from 1e-4 "eventually decayed to 2e-5" (x 0.2)
     weight_decay: float = 1e-5  # §4.1.5, encoder and generators
     # §4.1.5 names one weight decay for "our network"; the authors' code gives D none (appendix A). With
     # lambda_dis = 0.005 a confident D's gradient is ~1e-6, below 1e-5 * w, so decay would wipe D out.
@@ -125,6 +152,11 @@ class Config(BaseConfig):
     stop_gradient: bool = True  # False: the teacher's gradient reaches the encoder ("w/o Stop Gradient")
     skip_connections: bool = True  # "w/o Skip Connection"
     hierarchical_memory: bool = True  # "w/o Hierarchical Memory": no learnable memories in the student
+    # The sample score: "discriminator" is Eq. 3.5; "reconstruction" the student's mean squared error (the
+    # mean of the map). Default "reconstruction": measured on DigitAnatomy (benchmarks/squid_experiment.py)
+    # it detects and Eq. 3.5 does not; the discriminator only ever sees normal images and their
+    # reconstructions, so its logit ranks how sharp a reconstruction is, not what it shows (issue 9).
+    score: str = "reconstruction"
 
     def validate(self) -> None:
         if self.spatial_dims != 2:
@@ -135,6 +167,8 @@ class Config(BaseConfig):
             ("aggregator", self.aggregator, AGGREGATORS),
             ("shortcut", self.shortcut, SHORTCUTS),
             ("shrinkage", self.shrinkage, SHRINKAGES),
+            ("addressing", self.addressing, ADDRESSINGS),
+            ("score", self.score, SCORES),
         ):
             if value not in known:
                 raise ValueError(f"unknown {name} {value!r}; known: {', '.join(known)}")
@@ -162,6 +196,10 @@ class Config(BaseConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.shortcut_probability <= 1.0:
             raise ValueError(f"shortcut_probability must be in [0, 1], got {self.shortcut_probability}")
+        if self.memory_temperature <= 0:
+            raise ValueError(f"memory_temperature must be > 0, got {self.memory_temperature}")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         if not 0.0 <= self.pixel_mask_probability < 1.0:
             raise ValueError(f"pixel_mask_probability must be in [0, 1), got {self.pixel_mask_probability}")
 
@@ -178,6 +216,16 @@ class Squid(AnomalyMethod):
             "discriminator_channels": (8, 16, 32, 64, 64), "memory_size": 32, "memory_matrix_size": 32,
             "inpaint_heads": 4, "lr": 1e-3, "lr_discriminator": 1e-3,
         },
+        # The authors' DigitAnatomy setting (configs/digit_best.py, appendix A): a 3 x 3 grid matching the
+        # 3 x 3 anatomy, 96 px (32 px patches), three encoder levels, 200 items per region, n_critic 1 and a
+        # student weight of 1. Sized for CPU (not the authors'): a quarter of their channels (8-16-32 instead
+        # of 32-64-128), a lighter discriminator and a 10x learning rate, so that ~10 epochs of ~320 images
+        # train in a few minutes on one core.
+        "digitanatomy": {
+            "image_size": 96, "grid": 3, "batch_size": 16, "epochs": 10, "channels": (8, 16, 32),
+            "discriminator_channels": (8, 16, 32, 32, 32), "memory_size": 200, "memory_matrix_size": 200,
+            "inpaint_heads": 4, "generator_period": 1, "lambda_s": 1.0, "lr": 1e-3, "lr_discriminator": 1e-3,
+        },
     }
 
     def __init__(self, config: Config) -> None:
@@ -190,6 +238,8 @@ class Squid(AnomalyMethod):
             shrinkage=c.shrinkage,
             top_k=c.top_k,
             threshold=c.shrink_threshold,
+            addressing=c.addressing,
+            temperature=c.memory_temperature,
         )
         self.encoder = PatchEncoder(c.in_channels, c.channels)
         self.inpainting = (
@@ -197,7 +247,7 @@ class Squid(AnomalyMethod):
                 channels=c.channels[-1], grid=c.grid, feature_size=sizes[-1], bottleneck=c.inpaint_bottleneck,
                 heads=c.inpaint_heads, memory=c.memory, memory_size=c.memory_size, space_aware=c.space_aware,
                 shrinkage=c.shrinkage, top_k=c.top_k, shrink_threshold=c.shrink_threshold,
-                aggregator=c.aggregator, shortcut=c.shortcut, shortcut_probability=c.shortcut_probability,
+                addressing=c.addressing, temperature=c.memory_temperature, aggregator=c.aggregator, shortcut=c.shortcut, shortcut_probability=c.shortcut_probability,
             )
             if c.inpainting and c.inpainting_level == "feature"
             else None
@@ -226,10 +276,13 @@ class Squid(AnomalyMethod):
     def configure_schedulers(
         self, stage: str, optimizers: dict[str, torch.optim.Optimizer]
     ) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        # §4.1.5: cosine annealing of both learning rates to lr_min over the whole run.
+        # §4.1.5: cosine annealing of both learning rates over the whole run, to lr_min_ratio (0.2) times
+        # each one's initial value, so a larger learning rate (the CPU presets) decays by the same 5x.
         return {
             name: torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(1, self.config.epochs), eta_min=min(self.config.lr_min, optimizer.defaults["lr"])
+                optimizer,
+                T_max=max(1, self.config.epochs),
+                eta_min=self.config.lr_min_ratio * optimizer.defaults["lr"],
             )
             for name, optimizer in optimizers.items()
         }
@@ -252,8 +305,12 @@ class Squid(AnomalyMethod):
             raise ValueError(f"unknown stage {stage!r} for method 'squid'; known: train")
         c = self.config
         image = self._image(batch)
-        generator_turn = int(self.iteration) % c.generator_period == 0
-        self.iteration += 1
+        if self.training:
+            generator_turn = int(self.iteration) % c.generator_period == 0
+            self.iteration += 1
+        else:
+            # Validation: no counter, no queue write (below); always the generator's loss, the val_loss.
+            generator_turn = True
 
         # On discriminator-only iterations the reconstruction is only D's "fake" input: no graph needed.
         with torch.set_grad_enabled(generator_turn and torch.is_grad_enabled()):
@@ -283,8 +340,9 @@ class Squid(AnomalyMethod):
             losses["loss"] = loss  # Eq. 3.11
         losses["mse_student"] = mse_student.detach()
 
-        # §3.2.3: copy this batch's encoder features into the queue, once per training step.
-        if self.inpainting is not None:
+        # §3.2.3: copy this batch's encoder features into the queue, once per generator step (the
+        # authors' code: after the generator's optimizer step only, appendix A); never in eval mode.
+        if self.training and generator_turn and self.inpainting is not None:
             self.inpainting.write_memory(out["tokens"])
         return losses
 
@@ -329,13 +387,17 @@ class Squid(AnomalyMethod):
 
     @torch.no_grad()
     def score(self, batch: Batch) -> Scores:
-        """Sample score: Eq. 3.5 flipped so that higher = more anomalous; map: the student's squared error."""
+        """Sample score: the student's mean squared error, or Eq. 3.5 flipped so that higher = more
+        anomalous (``Config.score``); map: the student's squared error."""
         image = self._image(batch)
         with _evaluating(self):
             reconstruction = self.generate(image)["reconstruction"]
+            error, error_map = reconstruction_scores(image, reconstruction, "mse")
+            if self.config.score == "reconstruction":
+                return Scores(sample=error, map=error_map)
             logit = self.discriminator(reconstruction).flatten()
         sample = torch.sigmoid((self.score_mean - logit) / self.score_std)
-        return Scores(sample=sample, map=reconstruction_scores(image, reconstruction, "mse")[1])
+        return Scores(sample=sample, map=error_map)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -381,10 +443,21 @@ class Generator(nn.Module):
     """G_s / G_t (Table 3.2), from the deepest level up.
 
     Each level upsamples the level below it (a stride-2 transposed convolution; the deepest level takes
-    the bottleneck features) and refines it with a residual unit. At the two deepest levels the encoder's
-    features of the same level are concatenated (skip) and, in the student, a space-aware learnable memory
-    with a masked shortcut follows ("S&M"); those levels work per patch, the patches are then merged into
-    one map (§3.7) and the output is a transposed convolution and a sigmoid (code).
+    the in-painted bottleneck features) and refines it with a residual unit. Two levels carry "S&M": the
+    encoder's features of the same resolution are concatenated after the upsampling (skip) and, in the
+    student, a space-aware learnable memory with a masked shortcut follows the residual unit. Those levels
+    work per patch; after the last memory the patches are merged into one map (§3.7), and the output is a
+    transposed convolution and a sigmoid (code).
+
+    Which two levels: Table 3.2 marks its levels 4 and 3, where level 4 has the bottleneck's resolution,
+    so its "level-wise skip" would be the un-in-painted bottleneck itself, handed to the student around
+    the in-painting block (Eq. 3.4 says the student sees only in-painted features at inference). The
+    authors' code (appendix A) never skips the bottleneck: its two S&M ``up`` blocks upsample the
+    in-painted bottleneck, concatenate the encoder features of the next-finer level and then apply the
+    memory. We follow the code: S&M at the two levels above the deepest (Table 3.2's levels 3 and 2 in our
+    channel layout); the deepest level only refines the in-painted features. Every skip is followed by a
+    memory in the student, so at inference no raw encoder feature reaches the output except through the
+    memories' addressing.
     ``forward`` returns the reconstruction and every level's features (for L_dist, Eq. 3.8).
     """
 
@@ -403,22 +476,25 @@ class Generator(nn.Module):
         depth = len(channels)
         self.grid, self.skip_connections, self.space_aware = grid, skip_connections, space_aware
         self.shortcut_probability = shortcut_probability
-        self.patch_levels = 2  # Table 3.2: S&M at levels 4 and 3 (the two deepest)
+        # Indices from the deepest level (0) up: the S&M levels, and the last one, after which patches merge.
+        self.sm_levels = [index for index in (1, 2) if index < depth]
+        self.merge_after = self.sm_levels[-1]
         self.ups = nn.ModuleList()
         self.blocks = nn.ModuleList()
         self.memories = nn.ModuleList()
-        for level in reversed(range(depth)):
-            deepest = level == depth - 1
+        self.memory_levels: list[int] = []
+        for index, level in enumerate(reversed(range(depth))):
             self.ups.append(
                 nn.Identity()
-                if deepest
+                if index == 0
                 else Convolution(2, channels[level + 1], channels[level], strides=2, is_transposed=True, act="RELU", norm="BATCH")
             )
-            patch_level = level >= depth - self.patch_levels
-            width = channels[level] * (2 if skip_connections and patch_level else 1)
+            sm = index in self.sm_levels
+            width = channels[level] * (2 if skip_connections and sm else 1)
             self.blocks.append(ResidualUnit(2, width, channels[level], subunits=2, act="RELU", norm="BATCH"))
-            if memory is not None and patch_level:
+            if memory is not None and sm:
                 self.memories.append(SpaceAwareMemoryMatrix(dim=channels[level] * sizes[level] ** 2, **memory))
+                self.memory_levels.append(index)
         self.output = Convolution(2, channels[0], in_channels, strides=2, is_transposed=True, conv_only=True)
 
     def forward(self, features: Tensor, skips: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -426,13 +502,13 @@ class Generator(nn.Module):
         x = features
         for index, (up, block) in enumerate(zip(self.ups, self.blocks, strict=True)):
             x = up(x)
-            if self.skip_connections and index < self.patch_levels:
-                x = torch.cat([x, skips[-1 - index]], dim=1)
+            if self.skip_connections and index in self.sm_levels:
+                x = torch.cat([x, skips[-1 - index]], dim=1)  # the encoder level of this resolution
             x = block(x)
-            if index < len(self.memories):
-                x = self._recall(self.memories[index], x)
+            if index in self.memory_levels:
+                x = self._recall(self.memories[self.memory_levels.index(index)], x)
             levels.append(x)
-            if index == self.patch_levels - 1:
+            if index == self.merge_after:
                 # §3.7: "after the last Memory Matrix, the feature patches are put back as a whole".
                 x = from_patches(x, self.grid)
         return torch.sigmoid(self.output(x)), levels

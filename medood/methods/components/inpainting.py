@@ -95,6 +95,8 @@ class InpaintingBlock(nn.Module):
         shrinkage: str = "gumbel",
         top_k: int = 5,
         shrink_threshold: float = 0.0025,
+        addressing: str = "dot",
+        temperature: float = 0.1,
         aggregator: str = "transformer",
         shortcut: str = "masked",
         shortcut_probability: float = 0.95,
@@ -117,7 +119,9 @@ class InpaintingBlock(nn.Module):
         self.reduce = Convolution(2, channels, self.inner, kernel_size=1, act="RELU", norm="BATCH", bias=False)
         self.expand = Convolution(2, self.inner, channels, kernel_size=1, act="RELU", norm="BATCH", bias=False)
         regions = grid * grid if space_aware else 1
-        memory_args = dict(shrinkage=shrinkage, top_k=top_k, threshold=shrink_threshold)
+        memory_args = dict(
+            shrinkage=shrinkage, top_k=top_k, threshold=shrink_threshold, addressing=addressing, temperature=temperature
+        )
         self.memory: SpaceAwareMemoryQueue | SpaceAwareMemoryMatrix | None
         if memory == "queue":
             self.memory = SpaceAwareMemoryQueue(regions, memory_size, self.dim, **memory_args)
