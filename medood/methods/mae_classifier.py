@@ -240,7 +240,6 @@ class MAEClassifier(AnomalyMethod):
             heads=c.classifier_heads,
             mlp_ratio=c.mlp_ratio,
         )
-        self.pseudo_abnormal = PseudoAbnormalBoxes(c.k_range, c.box_size_range, c.beta_per_pixel)
         # Fixed sin-cos positional embeddings stay frozen whatever stage is trained.
         self._fixed_parameters = {id(p) for p in self.parameters() if not p.requires_grad}
 
@@ -287,17 +286,32 @@ class MAEClassifier(AnomalyMethod):
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(s.name for s in self.stages())}")
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, Tensor]:
+        """Eq. (1) (stage ``mae``) or Eq. (2) (stage ``classifier``).
+
+        In training mode the masks and the pseudo-abnormal boxes are drawn from torch's global RNG
+        (``torch.manual_seed`` fixes a step). In eval mode (``not self.training``: the platform's
+        ``val_loss``) they come from generators seeded with ``config.seed`` and made for the call,
+        so a validation loss is a deterministic function of the weights and the batch, and
+        computing it changes no state: no buffer, no sampler, not even torch's global RNG.
+        """
         image = batch["image"]
+        generator = None if self.training else torch.Generator().manual_seed(self.config.seed)
         if stage == "mae":
-            out = self.mae(image, self.config.mask_ratio)
+            out = self.mae(
+                image, self.config.mask_ratio, generator=generator, shared_mask=generator is not None
+            )
             return {"loss": self.mae.loss(out, on_all_tokens=self.config.loss_on_all_tokens)}
         if stage == "classifier":
             with torch.no_grad():
-                reconstruction = self.reconstruct(image)
-                # Sec. 3.3: one positive X^' per negative X^, from the same reconstruction. The boxes
-                # are drawn from a state seeded by torch's RNG, so torch.manual_seed fixes the step.
-                self.pseudo_abnormal.set_random_state(int(torch.randint(2**31 - 1, ()).item()))
-                pseudo_abnormal = pseudo_abnormal_boxes(reconstruction, self.pseudo_abnormal)
+                reconstruction = self.reconstruct(image, generator=generator)
+                # Sec. 3.3: one positive X^' per negative X^, from the same reconstruction.
+                if generator is None:
+                    box_seed = int(torch.randint(2**31 - 1, ()).item())
+                else:
+                    box_seed = int(torch.randint(2**31 - 1, (), generator=generator).item())
+                pseudo_abnormal = pseudo_abnormal_boxes(
+                    reconstruction, self.pseudo_abnormal_transform(box_seed)
+                )
                 inputs = torch.cat(
                     [
                         self.classifier_input(image, reconstruction),
@@ -312,6 +326,11 @@ class MAEClassifier(AnomalyMethod):
             accuracy = (logits.argmax(dim=1) == labels).float().mean()
             return {"loss": loss, "accuracy": accuracy.detach()}
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(s.name for s in self.stages())}")
+
+    def pseudo_abnormal_transform(self, seed: int) -> PseudoAbnormalBoxes:
+        """A new pseudo-abnormal module (Sec. 3.3) with its own random state: never shared between calls."""
+        c = self.config
+        return PseudoAbnormalBoxes(c.k_range, c.box_size_range, c.beta_per_pixel, seed=seed)
 
     # -- scoring ----------------------------------------------------------------------------
 
