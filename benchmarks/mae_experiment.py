@@ -72,8 +72,13 @@ def load_data(seed: int, n_train: int, n_test: int, cache: Path) -> dict[str, np
     return data
 
 
-def fit(method: methods.AnomalyMethod, images: np.ndarray, seed: int, log: bool = True) -> float:
-    """The platform's training loop (train.py) on an in-memory array; returns the wall time."""
+def fit(
+    method: methods.AnomalyMethod, images: np.ndarray, seed: int, log: bool = True, skip: tuple[str, ...] = ()
+) -> float:
+    """The platform's training loop (train.py) on an in-memory array; returns the wall time.
+
+    Stages named in ``skip`` are not run (their epochs still count, so later seeds are the same).
+    """
     t0 = time.perf_counter()
     x = torch.from_numpy(images)
     batch_size = int(method.config.batch_size)
@@ -81,6 +86,9 @@ def fit(method: methods.AnomalyMethod, images: np.ndarray, seed: int, log: bool 
     for stage in method.stages():
         optimizers = method.configure_optimizers(stage.name)
         schedulers = method.configure_schedulers(stage.name, optimizers)
+        if stage.name in skip:
+            global_epoch += stage.epochs
+            continue
         for epoch in range(stage.epochs):
             torch.manual_seed(seed + 1000 * global_epoch)
             order = np.random.default_rng([seed, global_epoch]).permutation(len(x))
@@ -150,6 +158,9 @@ def main() -> None:
     parser.add_argument("--skip-ae", action="store_true")
     parser.add_argument("--cache", default="/tmp/medood-mae-experiment")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument(
+        "--mae-cache", action="store_true", help="reuse (or save) the MAE stage's weights under --cache"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     overrides = dict(item.split("=", 1) for item in args.set)
@@ -165,7 +176,15 @@ def main() -> None:
         )
         torch.manual_seed(seed)
         mae = methods.get("mae_classifier").build(args.preset, seed=seed, **overrides)
-        wall = fit(mae, data["train"], seed)
+        key = "_".join(f"{k}={v}" for k, v in sorted(overrides.items()) if not k.startswith("classifier"))
+        weights = Path(args.cache) / f"mae_{args.preset}_s{seed}_{key}.pt"
+        skip: tuple[str, ...] = ()
+        if args.mae_cache and weights.exists():
+            mae.mae.load_state_dict(torch.load(weights, weights_only=True))
+            skip = ("mae",)
+        wall = fit(mae, data["train"], seed, skip=skip)
+        if args.mae_cache and not skip:
+            torch.save(mae.mae.state_dict(), weights)
         result = {"seed": seed, "mae_classifier_wall_s": wall}
         mae.config.score = "classifier"
         result["mae_classifier"] = metrics(score(mae, data["test"]), data)
