@@ -73,7 +73,12 @@ def load_data(seed: int, n_train: int, n_test: int, cache: Path) -> dict[str, np
 
 
 def fit(
-    method: methods.AnomalyMethod, images: np.ndarray, seed: int, log: bool = True, skip: tuple[str, ...] = ()
+    method: methods.AnomalyMethod,
+    images: np.ndarray,
+    seed: int,
+    log: bool = True,
+    skip: tuple[str, ...] = (),
+    after_stage=None,
 ) -> float:
     """The platform's training loop (train.py) on an in-memory array; returns the wall time.
 
@@ -106,6 +111,8 @@ def fit(
             for scheduler in schedulers.values():
                 scheduler.step()
             global_epoch += 1
+            if epoch + 1 == stage.epochs and after_stage is not None:
+                after_stage(stage.name)
             if log:
                 print(
                     f"  {stage.name} epoch {epoch + 1}/{stage.epochs} loss {np.mean(losses):.4f} "
@@ -182,9 +189,12 @@ def main() -> None:
         if args.mae_cache and weights.exists():
             mae.mae.load_state_dict(torch.load(weights, weights_only=True))
             skip = ("mae",)
-        wall = fit(mae, data["train"], seed, skip=skip)
-        if args.mae_cache and not skip:
-            torch.save(mae.mae.state_dict(), weights)
+
+        def save_mae(stage: str, mae=mae, weights=weights) -> None:
+            if args.mae_cache and stage == "mae":
+                torch.save(mae.mae.state_dict(), weights)
+
+        wall = fit(mae, data["train"], seed, skip=skip, after_stage=save_mae)
         result = {"seed": seed, "mae_classifier_wall_s": wall}
         mae.config.score = "classifier"
         result["mae_classifier"] = metrics(score(mae, data["test"]), data)
