@@ -247,6 +247,38 @@ def test_training_steps_lower_the_loss_in_both_stages() -> None:
         assert after < 0.8 * before, (stage, before, after)
 
 
+def test_eval_mode_training_step_changes_no_state() -> None:
+    """The platform's val_loss (training_step under eval() + no_grad) is side-effect free."""
+    torch.manual_seed(0)
+    method = MAEClassifier.build("tiny")
+    batch = {"image": smooth_images(4)}
+    for stage in ("mae", "classifier"):  # one training step per stage, as after some epochs
+        optimizer = method.configure_optimizers(stage)["main"]
+        method.train()
+        method.training_step(batch, stage)["loss"].backward()
+        optimizer.step()
+    method.eval()
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    scores = method.score(batch).sample
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        losses = {
+            stage: [float(method.training_step(batch, stage)["loss"]) for _ in range(2)]
+            for stage in ("mae", "classifier")
+        }
+    for stage, (first, second) in losses.items():
+        assert first == second, stage  # deterministic: fixed masks and boxes, not the global RNG
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = method.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert torch.equal(method.score(batch).sample, scores)
+    # Training mode still draws new masks and boxes from the global RNG at every step.
+    method.train()
+    with torch.no_grad():
+        a, b = (float(method.training_step(batch, "classifier")["loss"]) for _ in range(2))
+    assert a != b
+
+
 def test_stages_freeze_the_other_network() -> None:
     method = MAEClassifier.build("tiny")
     fixed = [method.mae.patch_embedding.position_embeddings, method.mae.decoder_pos_embedding]
