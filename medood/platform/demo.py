@@ -45,6 +45,8 @@ DEMO_RUNS = [
             overrides={"image_size": 48}, mood=True, floor=True),
     DemoRun("autoencoder3d-brain", "autoencoder", "synthetic-brain", preset="tiny3d",
             overrides={"epochs": 10, "image_size": 48}, mood=True),
+    DemoRun("autoencoder-brain-slices", "autoencoder", "synthetic-brain",
+            overrides={"epochs": 6, "image_size": 48}, data_options={"slice_axis": 2, "min_foreground": 0.2}, mood=True),
 ]
 
 
