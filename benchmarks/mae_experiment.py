@@ -15,6 +15,20 @@ the max over a volume's slices, a volume abnormal when any slice is). The mean o
 slice scores is printed as well.
 
     PYTHONPATH=$PWD python benchmarks/mae_experiment.py --seeds 0 1 2 [--preset brain-slices]
+
+Measured (60 train / 100 test volumes, ~1870 train and ~3100 test slices, one thread; data seed =
+training seed; mae_classifier ``brain-slices`` = tiny networks, 60 MAE + 10 classifier epochs;
+autoencoder ``tiny``, 10 epochs; AUROC slice / volume-max):
+
+    seed  mae_classifier  MAE-only SSIM  autoencoder
+    0     0.798 / 0.862   0.722 / 0.610  0.849 / 0.816
+    1     0.790 / 0.820   0.684 / 0.738  0.860 / 0.832
+    2     0.835 / 0.872   0.764 / 0.739  0.878 / 0.850
+    mean  0.808 / 0.851   0.723 / 0.696  0.862 / 0.833
+
+The classifier beats its MAE-only SSIM score on every seed (Table 2a's direction; slice +0.084 on
+average) but not the autoencoder on slices (-0.055 on average, every seed); by volume (max) it is
++0.019 on average (+0.046, -0.012, +0.022), not a significant gap. With 15 MAE + 5 classifier epochs (seed 0) the classifier gave 0.761 / 0.758.
 """
 
 from __future__ import annotations
