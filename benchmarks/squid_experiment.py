@@ -27,6 +27,7 @@ import torch
 from medood.methods import get
 from medood.methods.base import AnomalyMethod
 from medood.platform.data.synthetic import DIGIT_ANOMALIES, digit_anatomy, digit_pools
+from medood.platform.train import step_optimizers
 
 RUNS = {
     "squid": ("squid", "digitanatomy", {}),
@@ -60,18 +61,7 @@ def train(method: AnomalyMethod, images: torch.Tensor, seed: int) -> float:
             order = torch.randperm(len(images))
             for start in range(0, len(images) - batch_size + 1, batch_size):
                 losses = method.training_step({"image": images[order[start : start + batch_size]]}, stage.name)
-                active = []
-                for name, optimizer in optimizers.items():
-                    key = "loss" if name == "main" else f"loss_{name}"
-                    if key in losses:
-                        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-                        active.append((optimizer, losses[key], params))
-                for optimizer, _, _ in active:
-                    optimizer.zero_grad(set_to_none=True)
-                for i, (_, value, params) in enumerate(active):
-                    value.backward(inputs=params, retain_graph=i < len(active) - 1)
-                for optimizer, _, _ in active:
-                    optimizer.step()
+                step_optimizers(optimizers, losses)
                 if "loss" in losses:
                     loss = float(losses["loss"].detach())
             for scheduler in schedulers.values():

@@ -390,69 +390,56 @@ def validate(
     mode (methods must not write state there; see ``medood.methods.base``); ``stage=None`` skips it.
     """
     with _evaluating(model):
-        return _calibrate_and_score(model, reference, val, device, amp, batch_size, calibration_samples, stage, threshold_rule)
-
-
-def _calibrate_and_score(
-    model: methods.AnomalyMethod,
-    reference: Any,
-    val: Any,
-    device: torch.device,
-    amp: bool,
-    batch_size: int,
-    calibration_samples: int,
-    stage: str | None,
-    threshold_rule: str,
-) -> tuple[dict[str, float], ckpt.Calibration]:
-    raw, map_values, seen = [], [], 0
-    rng = np.random.default_rng(0)
-    for tb in _torch_batches(reference, batch_size, device):
-        normal = tb["label"] != 1
-        if not bool(normal.any()):
-            continue
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            scores = model.score(tb)
-        raw.append(scores.sample[normal].float().cpu().numpy())
-        if scores.map is not None:
-            values = scores.map[normal].float().cpu().numpy().reshape(-1)
-            map_values.append(rng.choice(values, size=min(values.size, 20000), replace=False))
-        seen += int(normal.sum())
-        if seen >= calibration_samples:
-            break
-    if not raw:
-        raise ValueError("the train split holds no normal cases to calibrate the scores on")
-    normal_raw = np.concatenate(raw)
-    calibration = ckpt.Calibration.fit(normal_raw, np.concatenate(map_values) if map_values else None)
-    metrics: dict[str, float] = {}
-    if val is None:
-        # No val split: the score at the target specificity on the normal training cases (optimistic).
-        threshold, rule = M.choose_threshold(np.zeros(len(normal_raw)), calibration.sample(normal_raw), "specificity")
-        calibration.threshold, calibration.threshold_rule = threshold, rule.replace("normal cases", "normal training cases")
+        raw, map_values, seen = [], [], 0
+        rng = np.random.default_rng(0)
+        for tb in _torch_batches(reference, batch_size, device):
+            normal = tb["label"] != 1
+            if not bool(normal.any()):
+                continue
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                scores = model.score(tb)
+            raw.append(scores.sample[normal].float().cpu().numpy())
+            if scores.map is not None:
+                values = scores.map[normal].float().cpu().numpy().reshape(-1)
+                map_values.append(rng.choice(values, size=min(values.size, 20000), replace=False))
+            seen += int(normal.sum())
+            if seen >= calibration_samples:
+                break
+        if not raw:
+            raise ValueError("the train split holds no normal cases to calibrate the scores on")
+        normal_raw = np.concatenate(raw)
+        calibration = ckpt.Calibration.fit(normal_raw, np.concatenate(map_values) if map_values else None)
+        metrics: dict[str, float] = {}
+        if val is None:
+            # No val split: the score at the target specificity on the normal training cases (optimistic).
+            threshold, rule = M.choose_threshold(np.zeros(len(normal_raw)), calibration.sample(normal_raw), "specificity")
+            calibration.threshold, calibration.threshold_rule = threshold, rule.replace("normal cases", "normal training cases")
+            return metrics, calibration
+        labels, val_raw, losses = [], [], []
+        for tb in _torch_batches(val, batch_size, device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                scores = model.score(tb)
+                known_normal = tb["label"] != 1
+                if stage is not None and bool(known_normal.any()):
+                    step_losses = model.training_step(_subset(tb, known_normal), stage)
+                    if "loss" in step_losses:
+                        losses.append(float(step_losses["loss"]))
+            labels.append(tb["label"].cpu().numpy())
+            val_raw.append(scores.sample.float().cpu().numpy())
+        if losses:
+            metrics["val_loss"] = float(np.mean(losses))
+        if labels:
+            y = np.concatenate(labels)
+            s = calibration.sample(np.concatenate(val_raw))
+            known = y >= 0
+            if M.has_both_classes(y[known]):
+                metrics["val_auroc"] = M.auroc(y[known], s[known])
+                metrics["val_ap"] = M.average_precision(y[known], s[known])
+            if known.any():
+                calibration.threshold, calibration.threshold_rule = M.choose_threshold(y[known], s[known], threshold_rule)
+                metrics["val_threshold"] = calibration.threshold
         return metrics, calibration
-    labels, val_raw, losses = [], [], []
-    for tb in _torch_batches(val, batch_size, device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            scores = model.score(tb)
-            known_normal = tb["label"] != 1
-            if stage is not None and bool(known_normal.any()):
-                step_losses = model.training_step(_subset(tb, known_normal), stage)
-                if "loss" in step_losses:
-                    losses.append(float(step_losses["loss"]))
-        labels.append(tb["label"].cpu().numpy())
-        val_raw.append(scores.sample.float().cpu().numpy())
-    if losses:
-        metrics["val_loss"] = float(np.mean(losses))
-    if labels:
-        y = np.concatenate(labels)
-        s = calibration.sample(np.concatenate(val_raw))
-        known = y >= 0
-        if M.has_both_classes(y[known]):
-            metrics["val_auroc"] = M.auroc(y[known], s[known])
-            metrics["val_ap"] = M.average_precision(y[known], s[known])
-        if known.any():
-            calibration.threshold, calibration.threshold_rule = M.choose_threshold(y[known], s[known], threshold_rule)
-            metrics["val_threshold"] = calibration.threshold
-    return metrics, calibration
+
 
 
 # -- helpers ------------------------------------------------------------------------------------

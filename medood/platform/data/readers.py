@@ -872,31 +872,32 @@ def _value(dataset: Any, keyword: str) -> Any:
         raise HeaderValueError(keyword) from None
 
 
-def _int_tag(dataset: Any, keyword: str, default: int | None = None) -> int | None:
+def _first_number(dataset: Any, keyword: str) -> float | None:
+    """A numeric tag's (first) value as a float; ``None`` when absent or empty; ``HeaderValueError`` when malformed."""
     value = _value(dataset, keyword)
     if value is None or value == "":
-        return default
+        return None
     try:
         if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
             value = value[0]
-        number = float(value)
-        if not np.isfinite(number) or number != int(number):
-            raise ValueError
-        return int(number)
+        return float(value)
     except Exception:
         raise HeaderValueError(keyword) from None
+
+
+def _int_tag(dataset: Any, keyword: str, default: int | None = None) -> int | None:
+    number = _first_number(dataset, keyword)
+    if number is None:
+        return default
+    if not np.isfinite(number) or number != int(number):
+        raise HeaderValueError(keyword)
+    return int(number)
 
 
 def _float_tag(dataset: Any, keyword: str, default: float | None) -> float | None:
-    value = _value(dataset, keyword)
-    if value is None or value == "":
+    number = _first_number(dataset, keyword)
+    if number is None:
         return default
-    try:
-        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-            value = value[0]
-        number = float(value)
-    except Exception:
-        raise HeaderValueError(keyword) from None
     if not np.isfinite(number):
         raise HeaderValueError(keyword)
     return number
