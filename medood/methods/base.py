@@ -17,6 +17,20 @@ paper's values. The platform (Ray Train, Tune, Serve, evaluation) only ever sees
   under ``torch.no_grad``) it computes the same losses as a validation loss and must change no state:
   no queue, memory, counter, centre, EMA or running-statistics update.
 - ``configure_schedulers(stage, optimizers)``: optional per-epoch learning-rate schedulers.
+- Stage hooks (optional, called on every Train worker; the default does nothing and costs nothing):
+
+  * ``stage_statistics(stage, batches) -> {name: Tensor}`` before a stage's first epoch, with the
+    worker's part of the whole training split (known anomalies included, labels as in training; in
+    eval mode, no gradients). Return ``{}`` (without iterating) when the stage needs nothing. The
+    platform concatenates every tensor along dim 0 across workers, in rank order, and hands the
+    result to ``begin_stage(stage, statistics)`` on every worker, so a deterministic fit there
+    (k-means with a fixed seed) gives every rank the same state.
+  * ``epoch_statistics(stage) -> {name: Tensor}`` after each training epoch; the platform sums every
+    tensor across workers and hands the sums to ``end_epoch(stage, epoch, statistics)`` (sphere pruning
+    from assignment counts). ``epoch`` counts from 0 within the stage.
+
+  A run resumed in the middle of a stage does not call ``begin_stage`` again: what it fitted must be
+  in the state dict.
 - ``fit_reference(batches)``: optional, run on normal training data (known anomalies removed) before
   each validation, in eval mode; the one place besides training where state may change.
 - ``score(batch) -> Scores``: higher = more anomalous; ``map`` is per pixel / voxel, or ``None``.
@@ -146,6 +160,20 @@ class AnomalyMethod(nn.Module):
     def forward(self, batch: Batch, stage: str) -> dict[str, Tensor]:
         # DistributedDataParallel synchronises gradients only for calls that go through forward.
         return self.training_step(batch, stage)
+
+    def stage_statistics(self, stage: str, batches: Iterable[Batch]) -> dict[str, Tensor]:
+        """Optional: this worker's statistics of the training split before ``stage`` (default: none)."""
+        return {}
+
+    def begin_stage(self, stage: str, statistics: dict[str, Tensor]) -> None:  # noqa: B027 - optional hook
+        """Optional: start ``stage`` from ``stage_statistics`` concatenated over all workers (default: nothing)."""
+
+    def epoch_statistics(self, stage: str) -> dict[str, Tensor]:
+        """Optional: this worker's per-epoch statistics, summed over workers for ``end_epoch`` (default: none)."""
+        return {}
+
+    def end_epoch(self, stage: str, epoch: int, statistics: dict[str, Tensor]) -> None:  # noqa: B027 - optional hook
+        """Optional: act on the epoch's statistics summed over all workers (default: nothing)."""
 
     def fit_reference(self, batches: Iterable[Batch]) -> None:  # noqa: B027 - optional hook
         """Optional: statistics from normal training data after training (default: none)."""

@@ -245,6 +245,9 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                 for name, state in start["schedulers"].items():
                     if name in schedulers:
                         schedulers[name].load_state_dict(state)
+            if first_epoch == 0 and stage.epochs > 0:
+                # Stage hook: statistics of the whole training split, gathered over the workers.
+                begin_stage(model, stage.name, _torch_batches(train_shard, batch_size, device), world_size=world)
             for epoch in range(first_epoch, stage.epochs):
                 _seed_everything(int(config.seed) + 1000 * global_epoch + rank)
                 t0 = time.perf_counter()
@@ -252,6 +255,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                 sums: dict[str, float] = defaultdict(float)
                 counts: dict[str, int] = defaultdict(int)
                 samples = 0
+                known_anomalies = 0
                 for batch in train_shard.iter_batches(
                     batch_size=batch_size,
                     batch_format="numpy",
@@ -264,11 +268,14 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                         losses = model(tb, stage.name)
                     step_optimizers(optimizers, losses, world_size=world)
                     samples += len(tb["id"])
+                    known_anomalies += int((tb["label"] == 1).sum())
                     for key, value in losses.items():
                         sums[key] += float(value.detach())
                         counts[key] += 1
                 for scheduler in schedulers.values():
                     scheduler.step()
+                end_epoch(model, stage.name, epoch, world_size=world)
+                seen, labelled = _sum_over_workers([samples, known_anomalies], world, device)
                 global_epoch += 1
                 epoch_in_stage = epoch + 1
                 last_of_stage = epoch_in_stage == stage.epochs
@@ -280,6 +287,8 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                     "train_samples": samples,
                     "epoch_time_s": time.perf_counter() - t0,
                     "resumed_from_epoch": start.get("resumed_from_epoch", 0),
+                    # Semi-supervised runs: the known (labelled) anomalies in train, over all workers.
+                    "train_labelled_fraction": labelled / max(seen, 1),
                     **{f"train_{k}": sums[k] / counts[k] for k in sums},
                 }
                 if not (last_of_stage or epoch_in_stage % loop["val_every"] == 0):
@@ -336,6 +345,58 @@ def step_optimizers(optimizers: dict[str, torch.optim.Optimizer], losses: dict[s
                 offset += n
     for optimizer, _, _ in active:
         optimizer.step()
+
+
+def begin_stage(model: methods.AnomalyMethod, stage: str, batches: Iterator[dict[str, Any]], *, world_size: int = 1) -> None:
+    """The stage-start hook on every worker: ``stage_statistics`` (eval mode, no gradients, RNGs
+    restored) on this worker's batches, every tensor concatenated over the workers in rank order,
+    then ``begin_stage`` with the same gathered tensors on every rank."""
+    with _evaluating(model):
+        local = model.stage_statistics(stage, batches)
+    gathered = {key: all_gather_rows(local[key], world_size) for key in sorted(local)}
+    model.begin_stage(stage, gathered)
+
+
+def end_epoch(model: methods.AnomalyMethod, stage: str, epoch: int, *, world_size: int = 1) -> None:
+    """The end-of-epoch hook on every worker: ``epoch_statistics`` summed over the workers, then ``end_epoch``."""
+    local = model.epoch_statistics(stage)
+    summed = {}
+    for key in sorted(local):
+        value = local[key].detach().clone()
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(value)
+        summed[key] = value
+    model.end_epoch(stage, epoch, summed)
+
+
+def all_gather_rows(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``tensor`` from every worker concatenated along dim 0 in rank order (row counts may differ)."""
+    if world_size <= 1:
+        return tensor
+    import torch.distributed as dist
+
+    tensor = tensor.detach().contiguous()
+    rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    all_rows = [torch.zeros_like(rows) for _ in range(world_size)]
+    dist.all_gather(all_rows, rows)
+    counts = [int(r) for r in all_rows]
+    padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def _sum_over_workers(values: list[int], world_size: int, device: torch.device) -> list[int]:
+    if world_size <= 1:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return [int(v) for v in total]
 
 
 @contextmanager
