@@ -42,6 +42,12 @@ DATASETS: dict[str, dict[str, Any]] = {
     "digitanatomy": {"kind": "digitanatomy", "n_train": 600, "n_test": 500, "size": 96, "splits": (0.8, 0.1, 0.1)},
     "brain": {"kind": "synthetic-brain", "n_train": 40, "n_test": 200, "size": 64, "splits": (0.6, 0.1, 0.3)},
 }
+# Semi-supervised digitanatomy (issue 12): ingest moves a share of the abnormal cases into train as
+# known anomalies (``--train-anomalies F``). Train holds about 680 normal images (0.8 of 850); F of
+# the 250 abnormal ones makes known anomalies 2.5% / 5% / 10% of train (the paper's ratio rows).
+KNOWN_ANOMALY_FRACTIONS = {"2.5": 0.07, "5": 0.143, "10": 0.30}
+for _ratio, _fraction in KNOWN_ANOMALY_FRACTIONS.items():
+    DATASETS[f"digitanatomy-known{_ratio}"] = {**DATASETS["digitanatomy"], "train_anomalies": _fraction}
 SLICES = {"slice_axis": 2, "min_foreground": 0.2}
 
 
@@ -71,6 +77,17 @@ RUNS = [
         rescore={"squid eq. 3.5 (discriminator)": {"score": "discriminator"}},
     ),
     Run("squid grid 1", "squid", "digitanatomy", preset="digitanatomy", overrides={"grid": 1}),
+    # self_taught without known anomalies: the unsupervised case (our extension; no paper row)
+    Run("self_taught 0%", "self_taught", "digitanatomy", overrides={"image_size": 96}),
+    # digitanatomy with 5% known anomalies in train (the paper's setting); the AE and the floor see the same shards
+    Run("autoencoder", "autoencoder", "digitanatomy-known5", overrides={"image_size": 96, "epochs": 20}),
+    Run("pixel_mahalanobis", "pixel_mahalanobis", "digitanatomy-known5", preset="paper", overrides={"image_size": 96}, floor=True),
+    Run("self_taught", "self_taught", "digitanatomy-known5", overrides={"image_size": 96}),
+    Run("self_taught pretext 100-NN", "self_taught", "digitanatomy-known5", overrides={"image_size": 96, "score": "knn", "ad_epochs": 0}),
+    Run("self_taught 1 sphere", "self_taught", "digitanatomy-known5", overrides={"image_size": 96, "n_spheres": 1}),
+    # the known-anomaly ratio rows (Table 1 middle): one ingest per ratio
+    Run("self_taught", "self_taught", "digitanatomy-known2.5", overrides={"image_size": 96}),
+    Run("self_taught", "self_taught", "digitanatomy-known10", overrides={"image_size": 96}),
     # synthetic brain, 2D axial slices
     Run("autoencoder", "autoencoder", "brain-slices", overrides={"image_size": 64, "epochs": 10}, data_options=SLICES),
     Run(
@@ -82,8 +99,14 @@ RUNS = [
     Run("voxel_zscore", "voxel_zscore", "brain-3d", preset="paper", overrides={"image_size": 64}, floor=True),
 ]
 # brain-slices and brain-3d are views of the same generated "brain" data set.
-DATASET_OF_VIEW = {"digitanatomy": "digitanatomy", "brain-slices": "brain", "brain-3d": "brain"}
-BASELINE = {"digitanatomy": "autoencoder", "brain-slices": "autoencoder", "brain-3d": "autoencoder 3D"}
+DATASET_OF_VIEW = {
+    "digitanatomy": "digitanatomy", "brain-slices": "brain", "brain-3d": "brain",
+    **{f"digitanatomy-known{r}": f"digitanatomy-known{r}" for r in KNOWN_ANOMALY_FRACTIONS},
+}
+BASELINE = {
+    "digitanatomy": "autoencoder", "brain-slices": "autoencoder", "brain-3d": "autoencoder 3D",
+    "digitanatomy-known5": "autoencoder",
+}
 GOALS = [
     # (description, dataset view, better run, worse run)
     ("SQUID beats the autoencoder", "digitanatomy", "squid", "autoencoder"),
@@ -92,7 +115,13 @@ GOALS = [
     ("mae_classifier beats the autoencoder", "brain-slices", "mae_classifier", "autoencoder"),
     ("mae_classifier beats its MAE-only SSIM score", "brain-slices", "mae_classifier", "MAE-only SSIM (same MAE)"),
     ("3D autoencoder beats the voxel z-score floor", "brain-3d", "autoencoder 3D", "voxel_zscore"),
+    ("self_taught (5% known anomalies) beats the autoencoder", "digitanatomy-known5", "self_taught", "autoencoder"),
+    ("self_taught (5% known anomalies) beats the pixel Mahalanobis floor", "digitanatomy-known5", "self_taught", "pixel_mahalanobis"),
+    ("self_taught: fine-tuning beats 100-NN on the pretext features", "digitanatomy-known5", "self_taught", "self_taught pretext 100-NN"),
+    ("self_taught: N spheres >= 1 sphere", "digitanatomy-known5", "self_taught", "self_taught 1 sphere"),
 ]
+# The ratio rows live on different data sets (one ingest each), so they are compared unpaired, by
+# their means, in the table: self_taught on digitanatomy-known2.5 < -known5 < -known10.
 
 
 def main() -> None:
@@ -155,8 +184,9 @@ def _run_all(runs: list[Run], args: argparse.Namespace, ledger: dict[str, dict])
             if not (shards / "manifest.json").exists():
                 raw = work / f"seed{seed}" / "raw" / data_name
                 kind, splits = spec.pop("kind"), spec.pop("splits")
+                train_anomalies = spec.pop("train_anomalies", 0.0)
                 layout = synthesize(kind, raw, seed=seed, **spec)
-                ingest(layout, raw, shards, seed=seed, splits=splits, progress=False)
+                ingest(layout, raw, shards, seed=seed, splits=splits, train_anomalies=train_anomalies, progress=False)
             slug = f"seed{seed}/{run.dataset}/{run.name.replace(' ', '_')}"
             print(f"== {run.dataset} / {run.name} / seed {seed}", flush=True)
             t0 = time.perf_counter()
