@@ -44,6 +44,7 @@ from medood.platform.data.synthetic import DIGIT_ANOMALIES, digit_anatomy, digit
 from medood.platform.train import begin_stage, end_epoch, step_optimizers
 
 RESULTS = Path(__file__).parent / "results" / "self_taught_experiment.json"
+ROWS = ("knn", "st 0%", "st 2.5%", "st 5%", "st 10%", "st 5% 1 sphere")
 RATIOS = (0.0, 0.025, 0.05, 0.10)
 
 
@@ -122,7 +123,7 @@ def normal_reference(data: dict) -> list[dict]:
 
 def one_seed(seed: int, args: argparse.Namespace) -> dict:
     data = make_data(seed, args.n_train, args.n_test, args.size)
-    base = {"image_size": args.size, "seed": seed}
+    base = {"image_size": args.size, "seed": seed, **args.overrides}
     out: dict = {"seed": seed}
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -134,7 +135,7 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
     state = {k: v.clone() for k, v in pretext.state_dict().items() if k not in ("centers", "active", "centers_ready")}
     print(f"seed {seed}: pretext done in {out['pretext_s']} s", flush=True)
 
-    knn = get("self_taught").build("tiny", **base, score="knn", ad_epochs=0, knn_k=100)
+    knn = get("self_taught").build("tiny", **{**base, "score": "knn", "ad_epochs": 0, "knn_k": 100})
     knn.load_state_dict(state, strict=False)
     knn.eval()
     with torch.no_grad():
@@ -142,6 +143,7 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
     out["knn (pretext 100-NN)"] = test_auroc(knn, data)
 
     rows = [(f"st {r * 100:g}%", r, {}) for r in RATIOS] + [("st 5% 1 sphere", 0.05, {"n_spheres": 1})]
+    rows = [row for row in rows if row[0] in args.rows]
     for name, ratio, overrides in rows:
         t0 = time.perf_counter()
         torch.manual_seed(seed)
@@ -197,6 +199,8 @@ def summarise(per_seed: list[dict]) -> dict:
         rows[name] = {"auroc": round(mean, 4), "ci95": (round(low, 4), round(high, 4)), "per_seed": values}
     pairs = []
     for better, worse in COMPARISONS:
+        if better not in rows or worse not in rows:
+            continue
         diffs = [s[better]["auroc"] - s[worse]["auroc"] for s in per_seed]
         mean, low, high = t_interval(diffs)
         pairs.append({"better": better, "worse": worse, "diff": round(mean, 4), "ci95": (round(low, 4), round(high, 4)),
@@ -210,11 +214,17 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=500)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="self_taught rows to run")
+    parser.add_argument("--set", nargs="*", default=[], help="self_taught overrides key=value (every row)")
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    args.overrides = get("self_taught").make_config("tiny", dict(item.split("=", 1) for item in args.set)).__dict__
+    args.overrides = {k.split("=", 1)[0]: args.overrides[k.split("=", 1)[0]] for k in args.set}
+    results = Path(args.out)
     torch.set_num_threads(1)
     per_seed = []
-    if RESULTS.exists():  # resume: seeds already measured with the same settings are kept
-        previous = json.loads(RESULTS.read_text())
+    if results.exists():  # resume: seeds already measured with the same settings are kept
+        previous = json.loads(results.read_text())
         if previous.get("settings") == vars(args) | {"seeds": None}:
             per_seed = [s for s in previous["per_seed"] if s["seed"] in args.seeds]
     for seed in args.seeds:
@@ -222,8 +232,8 @@ def main() -> None:
             continue
         per_seed.append(one_seed(seed, args))
         print(json.dumps(per_seed[-1]), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"settings": vars(args) | {"seeds": None}, "per_seed": per_seed, "summary": summarise(per_seed)}, indent=2))
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps({"settings": vars(args) | {"seeds": None}, "per_seed": per_seed, "summary": summarise(per_seed)}, indent=2))
     summary = summarise(per_seed)
     for name, row in summary["rows"].items():
         print(f"{name:<24} AUROC {row['auroc']:.3f}  95% CI {row['ci95'][0]:.3f}..{row['ci95'][1]:.3f}  seeds {row['per_seed']}")

@@ -213,6 +213,8 @@ class SelfTaught(AnomalyMethod):
             return
         if self.config.transfer_head:
             self.ad_head.load_state_dict(self.pretext_head.state_dict())
+        if self.config.score != "knn":
+            self.bank = self.bank[:0]  # the pretext's validation bank; the spheres score does not use it
         with torch.no_grad():
             self.init_centers(self.ad_head(statistics["features"].to(self.centers.device)))
 
