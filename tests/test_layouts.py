@@ -341,6 +341,19 @@ def test_mura_labels_groups_pools_and_body_part_option(tmp_path: Path) -> None:
         discover("mura", src, body_part="knee")
 
 
+def test_mura_pooled_deals_both_official_sets_and_keeps_mixed_units_out_of_train(tmp_path: Path) -> None:
+    src = make_mura(tmp_path / "mura")
+    listing = src / "MURA-v1.1" / "train_image_paths.csv"
+    listing.write_text(listing.read_text() + "MURA-v1.1/train/XR_ELBOW/patient00011/study2_positive/image1.png\n")
+    write_picture(src / "MURA-v1.1/train/XR_ELBOW/patient00011/study2_positive/image1.png", _gray(1))
+    cases = by_id(discover("mura", src, pooled=True))
+    pools = {c.group_key: c.pool for c in cases.values()}
+    assert pools["patient00011/XR_ELBOW"] == "valtest"  # normal and abnormal studies: a mixed unit
+    assert pools["patient00012/XR_ELBOW"] is None and pools["patient11185/XR_ELBOW"] is None
+    with pytest.raises(ValueError, match="pooled must be true or false"):
+        discover("mura", src, pooled="yes")
+
+
 # --- rsna --------------------------------------------------------------------------------------------
 
 

@@ -21,9 +21,11 @@ Layouts and their options (``--option key=value``):
   test; normal when ``No Finding`` is 1; group = ``patientXXXXX``.
 - ``zhanglab``: ``train|test/NORMAL|PNEUMONIA/*.jpeg`` (and ``val/`` if present), official splits;
   group = ``personN`` or the ``IM-NNNN`` prefix, scoped to the official split folder.
-- ``mura`` (``body_part=XR_HAND|...``): ``train_image_paths.csv`` -> train/val pool,
+- ``mura`` (``body_part=XR_HAND|...``, ``pooled=false``): ``train_image_paths.csv`` -> train/val pool,
   ``valid_image_paths.csv`` -> test; label from the study folder's ``_positive``/``_negative``;
-  group = patient + body part.
+  group = patient + body part. ``pooled=true`` is seed 004's protocol (§4.1, Fig. 6): both official
+  sets are pooled and dealt by ``--split`` (the paper's 0.5 0.25 0.25), and units (patient + body
+  part) holding both normal and abnormal studies go only to val / test.
 - ``rsna`` (``drop_not_normal=false``): ``stage_2_train_labels.csv``,
   ``stage_2_detailed_class_info.csv`` and ``stage_2_train_images/<patientId>.dcm``; Normal -> 0,
   Lung Opacity -> 1 with its boxes as mask, "No Lung Opacity / Not Normal" -> 1 (no mask) or
@@ -420,7 +422,9 @@ MURA_BODY_PARTS = ("XR_ELBOW", "XR_FINGER", "XR_FOREARM", "XR_HAND", "XR_HUMERUS
 
 
 @register_layout("mura")
-def discover_mura(context: LayoutContext, *, body_part: str | None = None) -> Discovery:
+def discover_mura(context: LayoutContext, *, body_part: str | None = None, pooled: bool = False) -> Discovery:
+    if not isinstance(pooled, bool):
+        raise UsageError(f"pooled must be true or false, got {pooled!r}")
     if body_part is not None:
         body_part = body_part.upper() if body_part.upper().startswith("XR_") else f"XR_{body_part.upper()}"
         _check_choice("body_part", body_part, MURA_BODY_PARTS)
@@ -461,9 +465,16 @@ def discover_mura(context: LayoutContext, *, body_part: str | None = None) -> Di
                     files=[source],
                     load=_single_loader(context, source, None, label, source.display, {"body_part": part}),
                     label=label,
-                    pool=pool,
+                    pool=None if pooled else pool,
                 )
             )
+    if pooled:  # seed 004 Fig. 6: mixed units (normal and abnormal studies) only in val / test
+        labels: dict[str, set[int | None]] = {}
+        for case in found.cases:
+            labels.setdefault(case.group_key, set()).add(case.label)
+        for case in found.cases:
+            if labels[case.group_key] == {0, 1}:
+                case.pool = "valtest"
     return found
 
 
