@@ -155,7 +155,7 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
 
     normals = {"image": torch.from_numpy(data["normal"]), "label": torch.zeros(len(data["normal"]), dtype=torch.int64), "id": [f"n{i}" for i in range(len(data["normal"]))]}
     torch.manual_seed(seed)
-    ae = get("autoencoder").build("tiny", **base, epochs=20)
+    ae = get("autoencoder").build("tiny", image_size=args.size, seed=seed, epochs=20)
     t0 = time.perf_counter()
     run_stage(ae, "train", 20, normals, seed)
     out["autoencoder"] = {**test_auroc(ae, data), "train_s": round(time.perf_counter() - t0, 1)}
@@ -204,7 +204,7 @@ def summarise(per_seed: list[dict]) -> dict:
         diffs = [s[better]["auroc"] - s[worse]["auroc"] for s in per_seed]
         mean, low, high = t_interval(diffs)
         pairs.append({"better": better, "worse": worse, "diff": round(mean, 4), "ci95": (round(low, 4), round(high, 4)),
-                      "met": len(diffs) >= 3 and low > 0})
+                      "met": bool(len(diffs) >= 3 and low > 0)})
     return {"seeds": [s["seed"] for s in per_seed], "rows": rows, "paired": pairs}
 
 
