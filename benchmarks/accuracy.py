@@ -97,6 +97,11 @@ RUNS = [
     # synthetic brain, 3D
     Run("autoencoder 3D", "autoencoder", "brain-3d", preset="tiny3d", overrides={"image_size": 64, "epochs": 20}),
     Run("voxel_zscore", "voxel_zscore", "brain-3d", preset="paper", overrides={"image_size": 64}, floor=True),
+    Run("joint_embedding", "joint_embedding", "brain-3d"),
+    # Seed 000's directions (Tables 1-2), one switch each from the tiny preset.
+    Run("joint_embedding no pretext", "joint_embedding", "brain-3d", overrides={"pretext": "none"}),
+    Run("joint_embedding mean reduction", "joint_embedding", "brain-3d", overrides={"reduction": "mean"}),
+    Run("joint_embedding no 2D network", "joint_embedding", "brain-3d", overrides={"joint_embedding": False}),
 ]
 # brain-slices and brain-3d are views of the same generated "brain" data set.
 DATASET_OF_VIEW = {
@@ -108,7 +113,7 @@ BASELINE = {
     "digitanatomy-known5": "autoencoder",
 }
 GOALS = [
-    # (description, dataset view, better run, worse run)
+    # (description, dataset view, better run, worse run[, metric: "auroc" unless given])
     ("SQUID beats the autoencoder", "digitanatomy", "squid", "autoencoder"),
     ("SQUID grid 3 (the anatomy's) beats grid 1", "digitanatomy", "squid", "squid grid 1"),
     ("SQUID beats the pixel Mahalanobis floor", "digitanatomy", "squid", "pixel_mahalanobis"),
@@ -119,6 +124,13 @@ GOALS = [
     ("self_taught (5% known anomalies) beats the pixel Mahalanobis floor", "digitanatomy-known5", "self_taught", "pixel_mahalanobis"),
     ("self_taught: fine-tuning beats 100-NN on the pretext features", "digitanatomy-known5", "self_taught", "self_taught pretext 100-NN"),
     ("self_taught: N spheres >= 1 sphere", "digitanatomy-known5", "self_taught", "self_taught 1 sphere"),
+    ("joint_embedding beats the 3D autoencoder", "brain-3d", "joint_embedding", "autoencoder 3D"),
+    ("joint_embedding beats the voxel z-score floor", "brain-3d", "joint_embedding", "voxel_zscore"),
+    ("joint_embedding beats the 3D autoencoder (voxel AP)", "brain-3d", "joint_embedding", "autoencoder 3D", "pixel_ap"),
+    ("joint_embedding beats the voxel z-score floor (voxel AP)", "brain-3d", "joint_embedding", "voxel_zscore", "pixel_ap"),
+    ("scattered pretext beats no pretext (voxel AP)", "brain-3d", "joint_embedding", "joint_embedding no pretext", "pixel_ap"),
+    ("max reduction beats mean (AUROC)", "brain-3d", "joint_embedding", "joint_embedding mean reduction"),
+    ("joint embedding beats no 2D network (AUROC)", "brain-3d", "joint_embedding", "joint_embedding no 2D network"),
 ]
 # The ratio rows live on different data sets (one ingest each), so they are compared unpaired, by
 # their means, in the table: self_taught on digitanatomy-known2.5 < -known5 < -known10.
@@ -156,7 +168,11 @@ def main() -> None:
 def _selected(run: Run, args: argparse.Namespace) -> bool:
     if args.dataset and run.dataset not in args.dataset:
         return False
-    return not args.method or run.name in args.method or run.method in args.method
+    if not args.method:
+        return True
+    # A run's own name selects that run only; a method name that is no run's name selects all its runs.
+    names = {r.name for r in RUNS}
+    return run.name in args.method or any(m == run.method and m not in names for m in args.method)
 
 
 def _run_all(runs: list[Run], args: argparse.Namespace, ledger: dict[str, dict]) -> None:
@@ -304,10 +320,11 @@ def summarise(ledger: dict[str, dict], seeds: list[int]) -> dict[str, Any]:
                     row[label] = {"against": other, "diff": d, "ci95": (dl, dh), "seeds": common}
         rows.append(row)
     goals = []
-    for description, dataset, better, worse in GOALS:
+    for description, dataset, better, worse, *metric in GOALS:
+        key = metric[0] if metric else "auroc"
         if (dataset, better) in by and (dataset, worse) in by:
             common = sorted(set(by[(dataset, better)]) & set(by[(dataset, worse)]))
-            diffs = [by[(dataset, better)][s]["auroc"] - by[(dataset, worse)][s]["auroc"] for s in common]
+            diffs = [by[(dataset, better)][s][key] - by[(dataset, worse)][s][key] for s in common]
             d, dl, dh = t_interval(diffs)
             met = len(common) >= 3 and dl > 0
             goals.append({"goal": description, "diff": d, "ci95": (dl, dh), "seeds": common, "met": met})

@@ -29,7 +29,7 @@ def test_every_registered_method_has_a_space_file_with_real_fields(name):
         assert ablation.settings and ablation.description and ablation.source
         for setting in ablation.settings:
             assert set(setting.overrides) <= valid, (ablation.name, setting.label)
-            assert set(setting.paper) <= {"auroc", "ap"}
+            assert set(setting.paper) <= set(spaces.PAPER_METRICS)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
-PAPER_METRICS = ("auroc", "ap")
+PAPER_METRICS = ("auroc", "ap", "pixel_ap")  # pixel_ap: voxel-level AP pooled over the test set (MOOD)
 HERE = Path(__file__).resolve().parent
 
 

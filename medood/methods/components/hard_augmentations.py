@@ -208,6 +208,32 @@ class CopyPaste(HardAugmentation):
         return np.ones(box.size, dtype=bool)
 
 
+class RotatedCopyPaste(CopyPaste):
+    """Copy-paste whose copied patch is turned by 90, 180 or 270 degrees in a random plane first.
+
+    A training-only variant (seed 000's reference code alternates plain and rotated copy-paste when
+    it synthesises training anomalies); it is not one of the six test types, so it is not in
+    ``HARD_AUGMENTATIONS``. The box is square in the turning plane, as for ``PatchRotation``.
+    """
+
+    name = "copy_paste_rot"
+
+    def _box_size(self, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
+        size = list(HardAugmentation._box_size(self, shape, rng))
+        plane = rng.choice(len(shape), size=2, replace=False)
+        side = min(size[a] for a in plane)
+        for a in plane:
+            size[a] = side
+        return tuple(size)
+
+    def _corrupt(self, out: np.ndarray, box: Box, rng: np.random.Generator) -> np.ndarray:
+        source = _place_box(out.shape, box.size, rng, None)
+        planes = [p for p in itertools.combinations(range(out.ndim), 2) if box.size[p[0]] == box.size[p[1]]]
+        plane = planes[int(rng.integers(len(planes)))]
+        out[box.slices] = np.rot90(out[source.slices], k=int(rng.integers(1, 4)), axes=plane).copy()
+        return np.ones(box.size, dtype=bool)
+
+
 class SubPatchPermutation(HardAugmentation):
     """Seed 000 ``permutation``: the area is split in halves along every axis (8 sub-patches in 3D,
     4 in 2D) and the sub-patches are shuffled (never the identity order)."""
