@@ -32,6 +32,8 @@ _log = logging.getLogger(__name__)
 #: Share of Ray's object store that materialized (preprocessed) training splits may take.
 MATERIALIZE_FRACTION = 0.5
 MIB = 1024 * 1024
+#: Largest block a read task emits (a few preprocessed 128^3 volumes or thousands of 2D images).
+TARGET_BLOCK_BYTES = 32 * MIB
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,8 @@ def _read_shards(shards: str | Path, split: str, columns: list[str] | None = Non
     whichever process executes the dataset (driver, Train worker, split coordinator) is never
     consulted, no output splitting happens, and read, decode and preprocessing fuse into one task.
     The split predicate is pushed down to the Parquet reader (Arrow): other splits are never decoded.
+    Output blocks of at most ``TARGET_BLOCK_BYTES`` (Ray's default is 128 MiB) let the first batch of
+    a pass leave its task after a few volumes instead of after a whole shard file.
     """
     import ray.data
     from ray.data.expressions import col
@@ -225,12 +229,14 @@ def _read_shards(shards: str | Path, split: str, columns: list[str] | None = Non
     if not paths:
         raise ValueError(f"{shards}: the manifest lists no shards")
     context = ray.data.DataContext.get_current()
-    previous = context.use_datasource_v2
+    previous = context.use_datasource_v2, context.target_max_block_size
     context.use_datasource_v2 = False
+    context.target_max_block_size = min(previous[1] or TARGET_BLOCK_BYTES, TARGET_BLOCK_BYTES)
     try:
+        # The dataset keeps a copy of the current DataContext, settings above included.
         dataset = ray.data.read_parquet(paths, columns=columns, override_num_blocks=len(paths))
     finally:
-        context.use_datasource_v2 = previous
+        context.use_datasource_v2, context.target_max_block_size = previous
     return dataset.filter(expr=col("split") == split)
 
 
