@@ -6,6 +6,12 @@ evaluation, serving): intensity scaling, the 2D-slice view of volumes, resizing 
 input size, random 3D patches. Because it is one function, a served score equals the score
 ``medood evaluate`` gives the same case.
 
+The data path (issue 10): Ray Data's V1 Parquet reader with one read task per shard file, the
+decode (a zero-copy view of each batch's Arrow buffer) and the preprocessing fused into that task;
+``training_datasets`` computes the deterministic preprocessing once per training run and keeps it
+in the object store when it fits (else it streams every epoch), and ``augment`` applies the random
+part (3D patches, transforms) after it, every epoch, drawn from the seed and the case only.
+
 Output rows (and batches) hold:
     image    float32 (C, *spatial), intensities in [0, 1]
     mask     float32 (1, *spatial), zeros where the case has no mask
