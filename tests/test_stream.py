@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from monai.transforms import Compose, RandFlipd
 
-from medood.platform.data.stream import InputSpec, collate, prepare_sample, scale_intensity
+from medood.platform.data.schema import SHARD_SCHEMA, Record
+from medood.platform.data.stream import (
+    InputSpec,
+    augment_batch,
+    collate,
+    percentiles_of,
+    prepare_batch,
+    prepare_sample,
+    scale_intensity,
+)
 
 
 def volume(shape=(20, 24, 16)) -> tuple[np.ndarray, np.ndarray]:
@@ -78,3 +87,70 @@ def test_intensity_scaling_and_collate():
     assert np.all(scale_intensity(np.full(5, 3.0), (0.5, 99.5)) == 0)
     batch = collate(prepare_sample(np.ones((8, 8)), None, -1, "u", InputSpec(image_size=8)) * 2)
     assert batch["image"].shape == (2, 1, 8, 8) and batch["label"].tolist() == [-1, -1]
+
+
+def test_fast_percentiles_are_numpys_and_scaling_matches_float64():
+    rng = np.random.default_rng(0)
+    brain = np.zeros((96, 96, 96), np.float32)  # mostly background: a constant low bracket
+    brain[10:86, 12:84, 20:76] = rng.normal(100, 20, (76, 72, 56))
+    skewed = rng.gamma(2.0, 50.0, (80, 80, 80)).astype(np.float32)
+    ties = np.round(rng.normal(0, 3, (70, 70, 70))).astype(np.float32)
+    for image in (brain, skewed, ties, rng.random((40, 50)).astype(np.float32)):
+        for q in ((0.5, 99.5), (0.0, 100.0), (1.0, 99.0), (50.0, 50.5)):
+            np.testing.assert_allclose(percentiles_of(image, q), np.percentile(image, q), rtol=1e-6, atol=1e-6)
+        low, high = np.percentile(image, (0.5, 99.5))
+        reference = np.clip((image.astype(np.float64) - low) / (high - low), 0.0, 1.0)
+        scaled = scale_intensity(image, (0.5, 99.5))
+        assert scaled.dtype == np.float32
+        np.testing.assert_allclose(scaled, reference, rtol=0, atol=1e-6)
+
+
+def _shard_rows(n=3, shape=(12, 14, 10)):
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        image = np.zeros(shape, np.float32)
+        image[2:10, 2:12, 1:9] = rng.random((8, 10, 8)) * 50
+        mask = None if i == 0 else (rng.random(shape) > 0.9).astype(np.uint8)
+        rows.append(Record(f"c{i}", "toy", "train", i % 2, "g", image, mask=mask).to_row())
+    return rows
+
+
+def test_arrow_batches_decode_without_copies_and_as_numpy_rows_do():
+    import pyarrow as pa
+
+    rows = _shard_rows()
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    columns = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
+    for spec in (None, InputSpec(spatial_dims=2, image_size=8), InputSpec(spatial_dims=3, image_size=8)):
+        a, b = prepare_batch(table, spec), prepare_batch(columns, spec)
+        assert list(a["id"]) == list(b["id"]) and a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    # a float32 image is a view of the Arrow buffer, not a copy
+    from medood.platform.data.schema import decode_image
+    from medood.platform.data.stream import _rows
+
+    row = next(_rows(table))
+    data = np.frombuffer(table.column("image").chunks[0].buffers()[2], np.uint8)
+    assert np.shares_memory(decode_image(row), data) and row["mask"] is None
+
+
+def test_augmenting_preprocessed_samples_draws_what_preprocessing_with_the_rng_draws():
+    import pyarrow as pa
+
+    rows = _shard_rows()
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    spec = InputSpec(spatial_dims=3, image_size=8, patch_size=4, patches_per_volume=2)
+    base = prepare_batch(table, spec, seed_key=True)
+    assert base["image"].shape == (3, 1, 8, 8, 8) and base["seed_key"].dtype == np.int64
+    later = augment_batch(base, spec, seed=7)
+    at_once = prepare_batch(table, spec, training=True, seed=7)
+    assert "seed_key" not in later and list(later["id"]) == list(at_once["id"])
+    np.testing.assert_array_equal(later["image"], at_once["image"])
+    first = rows[0]
+    rng = np.random.default_rng([7, int(first["sha256"][:8], 16)])
+    image = np.frombuffer(first["image"], np.float32).reshape(first["shape"])
+    direct = prepare_sample(image, None, 0, "c0", spec, rng=rng)
+    np.testing.assert_array_equal(np.stack([d["image"] for d in direct]), later["image"][:2])
+    assert not np.array_equal(augment_batch(base, spec, seed=8)["image"], later["image"])

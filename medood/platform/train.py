@@ -53,7 +53,7 @@ import torch
 from medood import methods
 from medood.platform import checkpoint as ckpt
 from medood.platform import metrics as M
-from medood.platform.data.stream import InputSpec, read_manifest, read_split, to_torch_batch
+from medood.platform.data.stream import InputSpec, read_manifest, to_torch_batch, training_datasets
 
 LABEL_FREE_METRICS = ("val_loss",)
 
@@ -119,12 +119,16 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     out = Path(options.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     seed = int(config.seed)
-    datasets = {
-        "train": read_split(options.data, "train", spec, training=True, seed=seed, batch_size=4),
-        "reference": read_split(options.data, "train", spec, training=False, batch_size=4),
-    }
-    if int(manifest["counts"].get("val", {}).get("total", 0)):
-        datasets["val"] = read_split(options.data, "val", spec, training=False, batch_size=4)
+    if not ray.is_initialized():
+        from medood.platform.jobs import ensure_ray
+
+        ensure_ray()
+    # Decoded, scaled, sliced and resized once per run (kept in the object store when it fits, else
+    # streamed every epoch); random patches / augmentation run after it, every epoch.
+    datasets = training_datasets(
+        options.data, spec, seed=seed, batch_size=4,
+        with_val=bool(int(manifest["counts"].get("val", {}).get("total", 0))),
+    )
 
     use_gpu = options.gpus_per_worker > 0
     loop_config = {
@@ -143,10 +147,6 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     resources = {"CPU": float(options.cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(options.gpus_per_worker)
-    if not ray.is_initialized():
-        from medood.platform.jobs import ensure_ray
-
-        ensure_ray()
     printer = _ProgressPrinter(out.name) if options.progress else None
     callbacks = list(callbacks or []) + ([printer.callback] if printer else [])
     trainer = TorchTrainer(
@@ -163,7 +163,8 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
             callbacks=callbacks or None,
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Blocks reach the worker in the same order every run, so the seeded shuffle is reproducible.
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": _ordered_ingest()}),
     )
     try:
         result = trainer.fit()
@@ -515,6 +516,17 @@ def _effective_metric(options: TrainOptions, manifest: dict[str, Any]) -> tuple[
     if options.mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {options.mode!r}")
     return options.metric, options.mode
+
+
+def _ordered_ingest() -> Any:
+    """The driver's Ray Data execution options (what Ray Train carries over by default) with ``preserve_order`` on."""
+    import copy
+
+    from ray.data import DataContext
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
+    return options
 
 
 def _torch_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:

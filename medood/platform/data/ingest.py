@@ -75,7 +75,11 @@ __all__ = [
 ]
 
 MIB = 1024 * 1024
-DEFAULT_MAX_SHARD_BYTES = 256 * MIB
+# Shards of at most 128 MiB give more files than CPUs on data sets of a few GiB (Ray Data reads one
+# file per task), and row groups of 8 MiB hold one 128^3 float32 volume, so the first batch of a
+# pass waits for one volume, not eight (issue 10).
+DEFAULT_MAX_SHARD_BYTES = 128 * MIB
+DEFAULT_ROW_GROUP_BYTES = 8 * MIB
 MANIFEST = "manifest.json"
 SHARD_PREFIX = "part-"
 POOL_SPLITS: dict[str | None, tuple[str, ...]] = {
@@ -534,11 +538,11 @@ def _synthetic_anomalies(src: Path) -> dict[str, str] | None:
 class ShardWriter:
     """Packs rows into ``part-NNNNN.parquet`` files of at most ``max_shard_bytes`` of row data.
 
-    A row larger than the bound gets a shard of its own. Rows are flushed in row groups of at most
-    64 MiB, so memory stays bounded whatever the shard size.
+    A row larger than the bound gets a shard of its own. Rows are flushed in row groups of about
+    ``row_group_bytes`` (at least one row), so memory stays bounded whatever the shard size.
     """
 
-    def __init__(self, out: Path, max_shard_bytes: int, row_group_bytes: int = 64 * MIB) -> None:
+    def __init__(self, out: Path, max_shard_bytes: int, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> None:
         self.out = out
         self.max_shard_bytes = max_shard_bytes
         self.row_group_bytes = min(row_group_bytes, max_shard_bytes)

@@ -79,9 +79,12 @@ class Record:
 
 
 def decode_image(row: dict[str, Any]) -> np.ndarray:
-    """The stored image as float32 with its stored shape."""
+    """The stored image as float32 with its stored shape.
+
+    A float32 image is a read-only view of ``row["image"]`` (no copy); other dtypes are converted once.
+    """
     shape = tuple(int(s) for s in row["shape"])
-    return np.frombuffer(row["image"], dtype=np.dtype(row["dtype"])).reshape(shape).astype(np.float32)
+    return np.frombuffer(row["image"], dtype=np.dtype(row["dtype"])).reshape(shape).astype(np.float32, copy=False)
 
 
 def decode_mask(row: dict[str, Any]) -> np.ndarray | None:
