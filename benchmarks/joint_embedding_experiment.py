@@ -137,6 +137,11 @@ def main() -> None:
             wall = fit(model, data["train"], model.config.batch_size, seed, f"{name} s{seed}")
             result = {**score(model, data), "wall_s": wall}
             results.setdefault(name, {})[seed] = result
+            if method == "joint_embedding":  # the same weights scored by the other sample score
+                other = "cls" if model.config.sample_score == "seg_max" else "seg_max"
+                model.config.sample_score = other
+                results.setdefault(f"{name} ({other})", {})[seed] = {**score(model, data), "wall_s": 0.0}
+                model.config.sample_score = "seg_max" if other == "cls" else "cls"
             print(f"{name} seed {seed}: AUROC {result['auroc']:.3f}  voxel AP {result['pixel_ap']:.3f}  "
                   f"({wall:.0f} s)  " + " ".join(f"{k} {v:.2f}" for k, v in result["per_type"].items()), flush=True)
     print(f"\n{'run':<28} {'AUROC (95% CI)':<26} {'voxel AP (95% CI)':<26}")

@@ -218,6 +218,11 @@ def test_score_is_deterministic_in_eval_needs_no_2d_network_and_maps_to_the_inpu
     torch.testing.assert_close(first.sample, second.sample)
     assert first.sample.shape == (2,) and bool(((first.sample >= 0) & (first.sample <= 1)).all())
     assert first.map.shape == image.shape and float(first.map.min()) >= 0 and float(first.map.max()) <= 1
+    model.config.sample_score = "cls"  # the paper's score: the class probability, not a function of the map
+    by_class = model.score({"image": image})
+    assert not torch.allclose(by_class.sample, by_class.map.flatten(1).amax(1))
+    model.config.sample_score = "seg_max"
+    torch.testing.assert_close(model.score({"image": image}).sample, first.map.flatten(1).amax(1), rtol=1e-3, atol=1e-3)
 
 
 def test_pretrained_2d_weights_load_from_a_named_file(tmp_path):
