@@ -221,6 +221,25 @@ class ContrastiveMahalanobis(AnomalyMethod):
         self.queue[index] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
+    @torch.no_grad()
+    def load_init_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a torchvision-layout ResNet state dict (e.g. MoCo v2's ``module.encoder_q.*``) into f_q and f_k.
+
+        The thesis initialises from ImageNet self-supervised weights (P Sec. 3.2); which ones is not
+        stated. A classifier ``fc.*`` is skipped; the platform reads the file named by ``init_weights``.
+        """
+        prefixes = ("module.encoder_q.", "encoder_q.", "module.", "backbone.")
+        cleaned = {}
+        for key, value in state_dict.items():
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    break
+            if not key.startswith("fc."):
+                cleaned[key] = value
+        self.encoder_q.load_state_dict(cleaned, strict=True)
+        self.encoder_k.load_state_dict(cleaned, strict=True)
+
     # -- scoring ------------------------------------------------------------------------------
 
     def features(self, image: Tensor) -> Tensor:
