@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from medood import methods
-from medood.methods.components.feature_reference import FeatureReference, fit_gaussian, mahalanobis
+from medood.methods.components.feature_reference import fit_gaussian, mahalanobis
 from medood.methods.components.views import color_jitter, random_resized_crop
 from medood.methods.contrastive_mahalanobis import nt_xent, queue_nt_xent
 
