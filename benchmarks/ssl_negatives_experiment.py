@@ -199,10 +199,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=["contrastive"], choices=list(RUNS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--n-train", type=int, default=None, help="digits: images (600); brain: volumes (40)")
-    parser.add_argument("--n-test", type=int, default=None, help="digits: images (400); brain: volumes (60)")
+    parser.add_argument("--n-train", type=int, default=None, help="digits: images (600); brain: volumes (60)")
+    parser.add_argument("--n-test", type=int, default=None, help="digits: images (400); brain: volumes (100)")
+    parser.add_argument("--max-train", type=int, default=None, help="subsample the training images (by seed)")
     parser.add_argument("--set", nargs="*", default=[], help="overrides key=value for every run")
-    parser.add_argument("--cache", default="/tmp/medood-ssl-negatives-cache")
+    parser.add_argument("--cache", default="/tmp/medood-ssl-negatives-cache",
+                        help="brain arrays (benchmarks/mae_experiment.py's cache files are reused as is)")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--summary", default=None, help="only summarise a JSON-lines file")
     args = parser.parse_args()
@@ -219,7 +221,10 @@ def main() -> None:
                 if dataset == "digitanatomy":
                     cached[dataset] = digit_data(seed, args.n_train or 600, args.n_test or 400)
                 else:
-                    cached[dataset] = brain_data(seed, args.n_train or 40, args.n_test or 60, Path(args.cache))
+                    cached[dataset] = brain_data(seed, args.n_train or 60, args.n_test or 100, Path(args.cache))
+                if args.max_train and len(cached[dataset]["train"]) > args.max_train:
+                    keep = np.sort(np.random.default_rng([seed, 7]).choice(len(cached[dataset]["train"]), args.max_train, replace=False))
+                    cached[dataset]["train"] = cached[dataset]["train"][keep]
             result = run_one(run, seed, cached[dataset], overrides)
             line = json.dumps(result)
             print(line, flush=True)

@@ -146,12 +146,13 @@ class DinoNegatives(AnomalyMethod):
         },
         "brain-slices": {
             # synthetic-brain axial slices at 64 px (issue 11: slices at different depths are distinct normal
-            # modes, where DigitAnatomy is one mode): tiny networks, a softer teacher schedule for a short run.
-            "image_size": 64, "local_size": 32, "in_channels": 1, "patch_size": 8, "embed_dim": 96, "depth": 4,
-            "heads": 4, "out_dim": 512, "head_layers": 2, "head_hidden": 256, "head_bottleneck": 64,
-            "n_local": 4, "n_neg_global": 1, "n_neg_local": 4, "local_scale": (0.1, 0.4), "hflip_prob": 0.5,
+            # modes, where DigitAnatomy is one mode): tiny networks sized for a shared 2-core CPU (16-px patches:
+            # 4 x 4 tokens per global view, 2 x 2 per local view), a softer teacher schedule for a short run.
+            "image_size": 64, "local_size": 32, "in_channels": 1, "patch_size": 16, "embed_dim": 64, "depth": 3,
+            "heads": 4, "out_dim": 256, "head_layers": 2, "head_hidden": 256, "head_bottleneck": 64,
+            "n_local": 2, "n_neg_global": 1, "n_neg_local": 2, "local_scale": (0.1, 0.4), "hflip_prob": 0.5,
             "momentum_start": 0.99, "teacher_temp_start": 0.04, "teacher_temp_end": 0.02, "batch_size": 64,
-            "lr_base": 2e-3, "warmup_epochs": 3, "epochs": 30, "freeze_last_layer": 0, "covariance": "ledoit_wolf",
+            "lr_base": 2e-3, "warmup_epochs": 2, "epochs": 15, "freeze_last_layer": 0, "covariance": "ledoit_wolf",
         },
     }
 
