@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 from medood import methods
 from medood.methods.components.feature_reference import fit_gaussian, mahalanobis
@@ -227,3 +228,34 @@ def test_views_shapes_ranges_rotation_bound_and_no_flip():
                                atol=1e-5, rtol=0)
     jittered = color_jitter(torch.rand(8, 1, 16, 16), 0.4, 0.4)
     assert jittered.min() >= 0 and jittered.max() <= 1
+
+
+class _Shard:
+    """Numpy batches with ids, as ``read_split`` yields them."""
+
+    def __init__(self, image: torch.Tensor, labels: list[int], prefix: str) -> None:
+        self.image, self.labels, self.prefix = image.numpy(), np.asarray(labels, dtype=np.int64), prefix
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+        for start in range(0, len(self.labels), batch_size):
+            stop = min(start + batch_size, len(self.labels))
+            ids = np.array([f"{self.prefix}{i}" for i in range(start, stop)], dtype=object)
+            yield {"image": self.image[start:stop], "label": self.labels[start:stop], "id": ids}
+
+
+def test_validation_reports_the_label_free_sensitivity_score():
+    from medood.platform.train import fit_reference, validate
+
+    method = build()
+    train = _Shard(images(60, seed=1), [0] * 60, "train")
+    val = _Shard(torch.cat([images(10, seed=2), images(4, seed=3).flip(-2)]), [0] * 10 + [1] * 4, "val")
+    fit_reference(method, train, torch.device("cpu"), 32)
+    held_out = method.sensitivity_reference()
+    assert held_out is not None and 0 < len(held_out) < 60
+    metrics, _ = validate(method, train, val, torch.device("cpu"), False, 32, 64, stage="contrastive")
+    assert 0.0 <= metrics["val_sensitivity"] <= 1.0
+    method.eval()
+    normal_val = torch.from_numpy(val.image[:10])
+    expected = roc_auc_score(np.r_[np.zeros(len(held_out)), np.ones(10)],
+                             np.r_[held_out.numpy(), method.sensitivity_scores({"image": normal_val}).numpy()])
+    assert metrics["val_sensitivity"] == pytest.approx(expected, abs=1e-6)

@@ -278,9 +278,10 @@ class ContrastiveMahalanobis(AnomalyMethod):
         """Scores against the D_train^ref statistics (thesis Sec. 6.1.5), for in-distribution test cases."""
         return self.reference.sensitivity_scores(self.features(batch["image"]))
 
-    def sensitivity_reference(self) -> Tensor:
-        """Scores of the held-out training cases D_train^sens against D_train^ref."""
-        return self.reference.sensitivity_reference()
+    def sensitivity_reference(self) -> Tensor | None:
+        """Scores of the held-out training cases D_train^sens against D_train^ref; None without a split
+        (fit_reference without case ids, or too few training cases)."""
+        return self.reference.sensitivity_reference() if self.reference.sensitivity is not None else None
 
 
 def nt_xent(z1: Tensor, z2: Tensor, tau: float) -> Tensor:

@@ -352,9 +352,10 @@ class DinoNegatives(AnomalyMethod):
         """Scores against D_train^ref only (thesis Sec. 6.1.5), for in-distribution test cases."""
         return self.reference.sensitivity_scores(self.features(batch["image"]))
 
-    def sensitivity_reference(self) -> Tensor:
-        """Scores of the held-out training cases D_train^sens against D_train^ref."""
-        return self.reference.sensitivity_reference()
+    def sensitivity_reference(self) -> Tensor | None:
+        """Scores of the held-out training cases D_train^sens against D_train^ref; None without a split
+        (fit_reference without case ids, or too few training cases)."""
+        return self.reference.sensitivity_reference() if self.reference.sensitivity is not None else None
 
 
 def dino_positive_loss(student: list[Tensor], teacher_probs: Tensor, student_temp: float) -> Tensor:
