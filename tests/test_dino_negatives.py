@@ -165,7 +165,7 @@ def test_permutations_preserve_patches_and_pixels():
         y = permute_patches(x, grid)
         p = 16 // grid
 
-        def patches(img):
+        def patches(img, p=p, grid=grid):
             return sorted(tuple(img[0, i * p:(i + 1) * p, j * p:(j + 1) * p].flatten().tolist())
                           for i in range(grid) for j in range(grid))
 
