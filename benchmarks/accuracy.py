@@ -71,12 +71,21 @@ RUNS = [
         rescore={"squid eq. 3.5 (discriminator)": {"score": "discriminator"}},
     ),
     Run("squid grid 1", "squid", "digitanatomy", preset="digitanatomy", overrides={"grid": 1}),
+    # Rafiee thesis ch. 5 (no flips: flipped cells are one of DigitAnatomy's anomaly types).
+    Run("contrastive_mahalanobis", "contrastive_mahalanobis", "digitanatomy", preset="digitanatomy"),
     # synthetic brain, 2D axial slices
     Run("autoencoder", "autoencoder", "brain-slices", overrides={"image_size": 64, "epochs": 10}, data_options=SLICES),
     Run(
         "mae_classifier", "mae_classifier", "brain-slices", preset="brain-slices", data_options=SLICES,
         rescore={"MAE-only SSIM (same MAE)": {"score": "ssim"}},
     ),
+    # Rafiee thesis ch. 6-7 on slices (distinct normal modes by depth; a tiny DINO collapses on DigitAnatomy).
+    # Rotation negatives share a transformation with the "rotation" anomaly type (see the per-type table).
+    Run("dino_negatives rot", "dino_negatives", "brain-slices", preset="brain-slices", data_options=SLICES),
+    Run("dino_negatives no negatives", "dino_negatives", "brain-slices", preset="brain-slices",
+        overrides={"lam": 0.0}, data_options=SLICES),
+    Run("pixel_mahalanobis", "pixel_mahalanobis", "brain-slices", preset="paper", overrides={"image_size": 64},
+        data_options=SLICES, floor=True),
     # synthetic brain, 3D
     Run("autoencoder 3D", "autoencoder", "brain-3d", preset="tiny3d", overrides={"image_size": 64, "epochs": 20}),
     Run("voxel_zscore", "voxel_zscore", "brain-3d", preset="paper", overrides={"image_size": 64}, floor=True),
@@ -92,6 +101,13 @@ GOALS = [
     ("mae_classifier beats the autoencoder", "brain-slices", "mae_classifier", "autoencoder"),
     ("mae_classifier beats its MAE-only SSIM score", "brain-slices", "mae_classifier", "MAE-only SSIM (same MAE)"),
     ("3D autoencoder beats the voxel z-score floor", "brain-3d", "autoencoder 3D", "voxel_zscore"),
+    ("contrastive_mahalanobis beats the autoencoder", "digitanatomy", "contrastive_mahalanobis", "autoencoder"),
+    ("contrastive_mahalanobis beats the pixel Mahalanobis floor", "digitanatomy", "contrastive_mahalanobis",
+     "pixel_mahalanobis"),
+    ("dino_negatives beats the autoencoder", "brain-slices", "dino_negatives rot", "autoencoder"),
+    ("dino_negatives beats the pixel Mahalanobis floor", "brain-slices", "dino_negatives rot", "pixel_mahalanobis"),
+    ("rotation negatives beat no negatives (Tab. 6.2 / 7.3)", "brain-slices", "dino_negatives rot",
+     "dino_negatives no negatives"),
 ]
 
 
