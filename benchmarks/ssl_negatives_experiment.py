@@ -134,6 +134,11 @@ def evaluate(method: AnomalyMethod, data: dict[str, np.ndarray], dataset: str) -
         keep = (case_kind == t) | (case_label == 0)
         per_type[t] = round(float(roc_auc_score(case_label[keep], case_score[keep])), 4)
     out["per_type"] = per_type
+    # AUROC without each anomaly type, so a baseline can be compared on the same types as a run whose
+    # negatives leak one of them.
+    out["auroc_without"] = {
+        t: round(float(roc_auc_score(case_label[case_kind != t], case_score[case_kind != t])), 4) for t in per_type
+    }
     leaking = leaking_types(method, dataset)
     out["leaking"] = leaking
     keep = ~np.isin(case_kind, leaking)
@@ -172,6 +177,13 @@ def summary(path: str) -> None:
         half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
         return f"{v.mean():+.3f} [{v.mean() - half:+.3f}, {v.mean() + half:+.3f}]"
 
+    for dataset in sorted({r["dataset"] for r in rows}):
+        # Does the label-free sensitivity score rank the trained models like their test AUROC (thesis Fig. 6.3)?
+        metric = "volume_auroc" if dataset == "brain" else "auroc"
+        pairs = [(r["sensitivity"], r[metric]) for r in rows if r["dataset"] == dataset and r.get("sensitivity") is not None]
+        if len(pairs) >= 3:
+            rho, p = stats.spearmanr(*zip(*pairs, strict=True))
+            print(f"{dataset}: Spearman(sensitivity, {metric}) over {len(pairs)} trained models = {rho:+.2f} (p = {p:.2f})")
     for (dataset, run), seeds in sorted(by.items()):
         metric = "volume_auroc" if dataset == "brain" else "auroc"
         values = [seeds[s][metric] for s in sorted(seeds)]
@@ -185,14 +197,24 @@ def summary(path: str) -> None:
         print("    per type: " + ", ".join(
             f"{t}{'*' if t in seeds[min(seeds)]['leaking'] else ''} {np.mean([seeds[s]['per_type'][t] for s in seeds]):.3f}"
             for t in types))
-        for base in ("autoencoder", "pixel_mahalanobis"):
+        bases = ["autoencoder", "pixel_mahalanobis"] + (["dino-noneg"] if run.startswith("brain-dino-rot") else [])
+        for base in bases:
             key = (dataset, base if dataset == "digitanatomy" else f"brain-{base}")
             if key not in by or key[1] == run:
                 continue
             common = sorted(set(seeds) & set(by[key]))
+            leaking = seeds[min(seeds)]["leaking"]
+            if len(leaking) > 1:
+                continue  # baselines store AUROC without one type at a time
+            if leaking and not all("auroc_without" in by[key][s] for s in common):
+                continue
+
+            def base_value(row, leaking=leaking, metric=metric):
+                return row["auroc_without"][leaking[0]] if leaking else row[metric]
+
             if len(common) >= 2:
-                diff = [seeds[s]["auroc_clean"] - by[key][s][metric] for s in common]
-                print(f"    clean - {base}: {interval(diff)} (paired, seeds {common})")
+                diff = [seeds[s]["auroc_clean"] - base_value(by[key][s]) for s in common]
+                print(f"    clean - {base} (same types): {interval(diff)} (paired, seeds {common})")
 
 
 def main() -> None:
