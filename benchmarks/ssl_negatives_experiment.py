@@ -18,6 +18,34 @@ types that share a transformation with a run's negatives or augmentations are li
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/ssl_negatives_experiment.py --dataset digitanatomy \
         --runs contrastive autoencoder pixel_mahalanobis --seeds 0 1 2 --out results.jsonl
     python benchmarks/ssl_negatives_experiment.py --summary results.jsonl   # paired t-intervals
+
+Measured (one thread on a shared 2-core CPU; seeds 0, 1, 2 = data and training seed; mean AUROC with
+the 95% t-interval over seeds; differences paired by seed, on the same anomaly types):
+
+DigitAnatomy (600 train / 400 test, 96 px), image-level AUROC:
+
+    autoencoder (tiny, 20 ep)             0.443 [0.426, 0.459]
+    pixel_mahalanobis (16 x 16)           0.729 [0.650, 0.807]
+    contrastive (digitanatomy, 30 ep)     0.585 [0.503, 0.668]   - AE +0.143 [+0.067, +0.218]   - floor -0.143 [-0.252, -0.035]
+    contrastive, crop 0.4 / rotation 10   0.606 [0.537, 0.674]   - AE +0.163 [+0.101, +0.225]   - floor -0.123 [-0.167, -0.079]
+    per type (default / crop 0.4): missing 0.769 / 0.780, misorder 0.542 / 0.607, flip 0.520 / 0.541, zero 0.510 / 0.495
+    (no type leaks: hflip_prob = 0 on digits, and the contrastive negatives are other images)
+
+synthetic-brain slices (60 train volumes, 512 training slices sampled per seed; 100 test volumes),
+volume-level AUROC (max over slices); dino_negatives ``brain-slices`` preset, 12 epochs:
+
+    autoencoder (tiny, 10 ep)             0.806 [0.629, 0.982]
+    pixel_mahalanobis                     0.811 [0.620, 1.003]
+    dino, no negatives (lambda 0)         0.798 [0.655, 0.942]   - AE -0.007 [-0.040, +0.025]   - floor -0.013 [-0.096, +0.070]
+    dino, rot negatives (lambda 1)        0.815 [0.716, 0.915]   all types
+        without "rotation" (leaks)        0.812 [0.723, 0.902]   - AE +0.023 [-0.076, +0.122]   - floor +0.002 [-0.144, +0.148]
+                                                                 - no negatives +0.014 [-0.046, +0.073]
+    per type (rot / no neg): rotation* 0.834 / 0.795, copy_paste 0.898 / 0.873, intensity_blob 0.595 / 0.560,
+        mask 0.765 / 0.784, permutation 0.960 / 0.948, scar 0.664 / 0.642, sobel_filter 0.991 / 0.982
+    slice-level AUROC: dino rot 0.761, no neg 0.765, autoencoder 0.828, pixel_mahalanobis 0.835 (means)
+
+Sensitivity score (Sec. 6.1.5) vs test AUROC across the six trained models of each data set:
+Spearman +0.09 (DigitAnatomy contrastive, p 0.87), -0.54 (brain DINO, p 0.27): not reproduced at this scale.
 """
 
 from __future__ import annotations
