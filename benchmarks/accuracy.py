@@ -88,12 +88,21 @@ RUNS = [
     # the known-anomaly ratio rows (Table 1 middle): one ingest per ratio
     Run("self_taught", "self_taught", "digitanatomy-known2.5", overrides={"image_size": 96}),
     Run("self_taught", "self_taught", "digitanatomy-known10", overrides={"image_size": 96}),
+    # Rafiee thesis ch. 5 (no flips: flipped cells are one of DigitAnatomy's anomaly types).
+    Run("contrastive_mahalanobis", "contrastive_mahalanobis", "digitanatomy", preset="digitanatomy"),
     # synthetic brain, 2D axial slices
     Run("autoencoder", "autoencoder", "brain-slices", overrides={"image_size": 64, "epochs": 10}, data_options=SLICES),
     Run(
         "mae_classifier", "mae_classifier", "brain-slices", preset="brain-slices", data_options=SLICES,
         rescore={"MAE-only SSIM (same MAE)": {"score": "ssim"}},
     ),
+    # Rafiee thesis ch. 6-7 on slices (distinct normal modes by depth; a tiny DINO collapses on DigitAnatomy).
+    # Rotation negatives share a transformation with the "rotation" anomaly type (see the per-type table).
+    Run("dino_negatives rot", "dino_negatives", "brain-slices", preset="brain-slices", data_options=SLICES),
+    Run("dino_negatives no negatives", "dino_negatives", "brain-slices", preset="brain-slices",
+        overrides={"lam": 0.0}, data_options=SLICES),
+    Run("pixel_mahalanobis", "pixel_mahalanobis", "brain-slices", preset="paper", overrides={"image_size": 64},
+        data_options=SLICES, floor=True),
     # synthetic brain, 3D
     Run("autoencoder 3D", "autoencoder", "brain-3d", preset="tiny3d", overrides={"image_size": 64, "epochs": 20}),
     Run("voxel_zscore", "voxel_zscore", "brain-3d", preset="paper", overrides={"image_size": 64}, floor=True),
@@ -131,6 +140,13 @@ GOALS = [
     ("scattered pretext beats no pretext (voxel AP)", "brain-3d", "joint_embedding", "joint_embedding no pretext", "pixel_ap"),
     ("max reduction beats mean (AUROC)", "brain-3d", "joint_embedding", "joint_embedding mean reduction"),
     ("joint embedding beats no 2D network (AUROC)", "brain-3d", "joint_embedding", "joint_embedding no 2D network"),
+    ("contrastive_mahalanobis beats the autoencoder", "digitanatomy", "contrastive_mahalanobis", "autoencoder"),
+    ("contrastive_mahalanobis beats the pixel Mahalanobis floor", "digitanatomy", "contrastive_mahalanobis",
+     "pixel_mahalanobis"),
+    ("dino_negatives beats the autoencoder", "brain-slices", "dino_negatives rot", "autoencoder"),
+    ("dino_negatives beats the pixel Mahalanobis floor", "brain-slices", "dino_negatives rot", "pixel_mahalanobis"),
+    ("rotation negatives beat no negatives (Tab. 6.2 / 7.3)", "brain-slices", "dino_negatives rot",
+     "dino_negatives no negatives"),
 ]
 # The ratio rows live on different data sets (one ingest each), so they are compared unpaired, by
 # their means, in the table: self_taught on digitanatomy-known2.5 < -known5 < -known10.

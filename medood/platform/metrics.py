@@ -41,6 +41,21 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def label_free_sensitivity(train_held_out_scores: np.ndarray, test_normal_scores: np.ndarray) -> float:
+    """Rafiee's sensitivity score (thesis Sec. 6.1.5; ICANN 2022 Sec. 3.4): model selection without anomaly labels.
+
+    AUROC(D_train^sens -> 0, D_test^in -> 1), both scored against the remaining training cases
+    D_train^ref only: how strongly a model rejects unseen normal cases compared with normal cases it
+    was trained on. Not the clinical ``sensitivity`` (recall) below. Higher is better (I Sec. 5).
+    """
+    held = np.asarray(train_held_out_scores, dtype=np.float64).reshape(-1)
+    test = np.asarray(test_normal_scores, dtype=np.float64).reshape(-1)
+    if not len(held) or not len(test):
+        raise ValueError(f"the sensitivity score needs both sides; got {len(held)} held-out and {len(test)} test cases")
+    labels = np.concatenate([np.zeros(len(held), dtype=np.int64), np.ones(len(test), dtype=np.int64)])
+    return auroc(labels, np.concatenate([held, test]))
+
+
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     labels, scores = _check(labels, scores)
     return float(average_precision_score(labels, scores))

@@ -55,7 +55,7 @@ from medood.platform import checkpoint as ckpt
 from medood.platform import metrics as M
 from medood.platform.data.stream import InputSpec, read_manifest, to_torch_batch, training_datasets
 
-LABEL_FREE_METRICS = ("val_loss",)
+LABEL_FREE_METRICS = ("val_loss", "val_sensitivity")
 
 
 @dataclass
@@ -478,6 +478,8 @@ def validate(
             calibration.threshold, calibration.threshold_rule = threshold, rule.replace("normal cases", "normal training cases")
             return metrics, calibration
         labels, val_raw, losses = [], [], []
+        sensitivity_reference = getattr(model, "sensitivity_reference", lambda: None)()
+        sensitivity_values = []
         for tb in _torch_batches(val, batch_size, device):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 scores = model.score(tb)
@@ -488,8 +490,15 @@ def validate(
                         losses.append(float(step_losses["loss"]))
             labels.append(tb["label"].cpu().numpy())
             val_raw.append(scores.sample.float().cpu().numpy())
+            if sensitivity_reference is not None and bool((tb["label"] == 0).any()):
+                # D_test^in of the label-free sensitivity score: the known-normal val cases (thesis Sec. 6.1.5)
+                sensitivity_values.append(model.sensitivity_scores(_subset(tb, tb["label"] == 0)).float().cpu().numpy())
         if losses:
             metrics["val_loss"] = float(np.mean(losses))
+        if sensitivity_values:
+            metrics["val_sensitivity"] = M.label_free_sensitivity(
+                sensitivity_reference.float().cpu().numpy(), np.concatenate(sensitivity_values)
+            )
         if labels:
             y = np.concatenate(labels)
             s = calibration.sample(np.concatenate(val_raw))
