@@ -1,15 +1,20 @@
 """The `medood` command: ingest, data, train, evaluate, methods, tune, serve, demo.
 
 Usage errors (an unknown method, config key, layout or split; a missing file) print one line that
-names the bad value and the valid ones, and exit with code 2.
+names the bad value and the valid ones, and exit with code 2, as does a Ray cluster that cannot be
+reached. The commands that start Ray (train, evaluate, tune, serve, demo) take ``--address``: the
+cluster to join (default: ``RAY_ADDRESS``, else a new local Ray; see ``medood.platform.jobs``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,26 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
+
+
+
+def with_address(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with an ``--address`` option: the Ray cluster it joins (``jobs.use_address``)."""
+    from medood.platform.jobs import ADDRESS_HELP, use_address
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, address: str | None = None, **kwargs: Any) -> Any:
+        use_address(address)
+        return command(*args, **kwargs)
+
+    signature = inspect.signature(command, eval_str=True)
+    option = inspect.Parameter(
+        "address", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, "--address", help=ADDRESS_HELP), annotation=str
+    )
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), option])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**command.__annotations__, "address": str}
+    return wrapper
+
 
 app.command("ingest", help="Ingest scans in a public layout into Parquet shards.")(ingest_command)
 app.add_typer(data_app, name="data", help="Embedded datasets and shard information.")
@@ -51,6 +76,7 @@ def _data_options(items: list[str] | None) -> dict[str, Any]:
 
 
 @app.command("train")
+@with_address
 def train_command(
     method: str = typer.Option(..., "--method", "-m", help="Registered method name (see `medood methods`)."),
     data: Path = typer.Option(..., "--data", "-d", help="Shard folder written by `medood ingest`."),
@@ -100,6 +126,7 @@ def train_command(
 
 
 @app.command("evaluate")
+@with_address
 def evaluate_command(
     checkpoint: Path = typer.Argument(..., help="A checkpoint folder, a run folder, or a sweep's best.json."),
     data: Path = typer.Option(..., "--data", "-d", help="Shard folder."),
@@ -158,6 +185,7 @@ def methods_command(
 
 
 @app.command("demo")
+@with_address
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Where the data, runs and report go."),
     seed: int = typer.Option(0, help="Seed of the generated data and the runs."),
@@ -173,8 +201,8 @@ def _register_sweep_and_serve_commands() -> None:
     """`medood tune` and `medood serve` (their modules import Ray Tune / Serve only when a command runs)."""
     from medood.platform import serve, tune
 
-    app.command("tune", help=tune.tune_command.__doc__)(tune.tune_command)
-    app.command("serve", help=serve.serve_command.__doc__)(serve.serve_command)
+    app.command("tune", help=tune.tune_command.__doc__)(with_address(tune.tune_command))
+    app.command("serve", help=serve.serve_command.__doc__)(with_address(serve.serve_command))
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -192,7 +220,7 @@ def main() -> None:
     _register_sweep_and_serve_commands()
     try:
         app()
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
         err.print(f"[red]error:[/red] {error}")
         sys.exit(2)
 
