@@ -7,8 +7,23 @@ cluster that does not answer fails at once with an error naming the address.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -97,3 +112,201 @@ def test_cli_unreachable_address_exits_2_naming_it(monkeypatch, tmp_path, capsys
         cli.main()
     assert exit_info.value.code == 2
     assert address in capsys.readouterr().err.replace("\n", "")
+
+
+# -- a real two-node Ray cluster on this machine (items 1 and 2) ----------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class Node:
+    """One `ray start` node with its own ports and temp folder; stopped by its own processes."""
+
+    def __init__(self, root: Path, env: dict[str, str], *, head_address: str | None = None, num_cpus: int = 1) -> None:
+        self.temp_dir = root
+        self.ports = {name: _free_port() for name in (
+            "node-manager-port", "object-manager-port", "runtime-env-agent-port", "dashboard-agent-grpc-port",
+            "dashboard-agent-listen-port", "metrics-export-port",
+        )}
+        low = _free_port_range(20)
+        args = [RAY, "start", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+                "--temp-dir", str(root), "--min-worker-port", str(low), "--max-worker-port", str(low + 19)]
+        args += [f"--{name}={port}" for name, port in self.ports.items()]
+        if head_address is None:
+            self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+            args += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"]
+        else:
+            args += ["--address", head_address]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    def processes(self, name: str = "") -> list[psutil.Process]:
+        """This node's processes (their command lines name its node manager port or temp folder)."""
+        marks = (f"--node_manager_port={self.ports['node-manager-port']}", str(self.temp_dir))
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if any(mark in cmd for mark in marks) and name in cmd:
+                found.append(proc)
+        return found
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+def _free_port_range(n: int) -> int:
+    while True:
+        low = _free_port()
+        if low + n < 65000 and all(_port_free(low + i) for i in range(n)):
+            return low
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Cluster:
+    head: Node
+    second: Node
+    token: str
+    env: dict[str, str]
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.head.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.head.dashboard_port}"
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
+
+    def run_job(self, medood_args: list[str], timeout_s: float = 300) -> tuple[str, str, str]:
+        """Submit ``medood <args>`` with the token; wait; return (job id, status, logs)."""
+        from ray.job_submission import JobStatus
+
+        client = self.client()
+        job = client.submit_job(
+            entrypoint=" ".join([PYTHON, "-m", "medood.platform.cli", *map(shlex.quote, medood_args)]),
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
+        )
+        deadline = time.monotonic() + timeout_s
+        status = client.get_job_status(job)
+        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+            time.sleep(1)
+            status = client.get_job_status(job)
+        if status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            client.stop_job(job)
+        return job, str(status), client.get_job_logs(job)
+
+    def actors(self, class_name: str) -> list[dict]:
+        """Ray's state API, through the `ray list` command with the token."""
+        done = subprocess.run(
+            [RAY, "list", "actors", "--address", self.dashboard, "--filter", f"class_name={class_name}",
+             "--format", "json", "--limit", "100"],
+            env=self.env, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (token authentication on) and a second node joined to it, 1 CPU each, on this machine."""
+    token = secrets.token_hex(16)
+    root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    nodes: list[Node] = []
+    try:
+        head = Node(root / "h", env, num_cpus=2)
+        nodes.append(head)
+        second = Node(root / "n", env, head_address=f"127.0.0.1:{head.gcs_port}", num_cpus=2)
+        nodes.append(second)
+        yield Cluster(head, second, token, env)
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shards(cluster):
+    """``medood data synth`` + ingest of a small embedded set, as a job on the cluster."""
+    out = Path(tempfile.mkdtemp(prefix="medood-cluster-"))
+    job, status, logs = cluster.run_job([
+        "data", "synth", "digitanatomy", str(out / "raw"), "--n-train", "24", "--n-test", "12", "--size", "32",
+        "--shards", str(out / "shards"), "--no-progress",
+    ])
+    yield {"out": out, "status": status, "logs": logs, "shards": out / "shards"}
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.cluster
+def test_two_live_nodes_and_ingest_through_the_job_api(cluster, shards):
+    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
+    assert (shards["shards"] / "manifest.json").is_file()
+    nodes = {n["node_id"]: n for n in cluster_nodes(cluster)}
+    assert len(nodes) == 2
+
+
+def cluster_nodes(cluster: Cluster) -> list[dict]:
+    done = subprocess.run(
+        [RAY, "list", "nodes", "--address", cluster.dashboard, "--filter", "state=ALIVE", "--format", "json"],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.cluster
+def test_a_job_without_the_token_is_refused(cluster):
+    request = urllib.request.Request(
+        f"{cluster.dashboard}/api/jobs/", data=json.dumps({"entrypoint": "echo hi"}).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code in (401, 403)
+    wrong = urllib.request.Request(request.full_url, data=request.data, method="POST",
+                                   headers={"Content-Type": "application/json", "Authorization": "Bearer nope"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=30)
+    assert refused.value.code in (401, 403)
+
+
+@pytest.mark.cluster
+def test_train_two_workers_one_per_node(cluster, shards):
+    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
+    run = shards["out"] / "run"
+    job, status, logs = cluster.run_job([
+        "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny",
+        "--set", "image_size=32", "--set", "epochs=2", "--set", "batch_size=8", "--workers", "2",
+        "--placement", "STRICT_SPREAD", "--out", str(run), "--no-wandb", "--metric", "val_loss", "--mode", "min",
+    ])
+    assert status == "SUCCEEDED", logs[-3000:]
+    result = json.loads((run / "run.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    workers = [a for a in cluster.actors("RayTrainWorker") if a.get("job_id") and a["state"] in ("ALIVE", "DEAD")]
+    assert len({a["node_id"] for a in workers}) == 2, workers

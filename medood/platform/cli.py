@@ -96,6 +96,12 @@ def train_command(
     threshold_rule: str = typer.Option(
         "youden", help="How the val split sets the decision threshold: youden, specificity (95% on normals) or f1."
     ),
+    placement: str = typer.Option(
+        "PACK", "--placement", help="Where the workers go: PACK (few nodes), SPREAD, STRICT_SPREAD (one per node)."
+    ),
+    sync_batchnorm: bool = typer.Option(
+        False, "--sync-batchnorm", help="Batch-norm statistics over all workers (SyncBatchNorm; GPU workers)."
+    ),
 ) -> None:
     """Train a method with Ray Train on streamed shards; resumes when the run folder exists."""
     from medood.platform.jobs import ensure_ray
@@ -116,8 +122,12 @@ def train_command(
         max_failures=max_failures,
         wandb=not no_wandb,
         threshold_rule=threshold_rule,
+        placement_strategy=placement.upper(),
+        sync_batchnorm=sync_batchnorm,
     )
     options.resolved_config()  # fail fast on unknown method / keys, before Ray starts
+    if options.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ValueError(f"unknown placement {placement!r}; known: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
     ensure_ray()
     result = train(options)
     console.print(f"[green]run[/green] {result.path}")

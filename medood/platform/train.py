@@ -91,6 +91,7 @@ class TrainOptions:
     shuffle_buffer: int = 64
     threshold_rule: str = "youden"  # metrics.THRESHOLD_RULES
     sync_batchnorm: bool = False  # multi-worker GPU runs: batch-norm statistics over all workers
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node)
     progress: bool = True  # one line per epoch on the driver
 
     def resolved_config(self) -> Any:
@@ -161,7 +162,10 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=options.placement_strategy,
+        ),
         run_config=RunConfig(
             name=out.name,
             storage_path=str(out.parent),
