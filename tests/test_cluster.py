@@ -202,23 +202,30 @@ class Cluster:
 
         return JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
 
-    def run_job(self, medood_args: list[str], timeout_s: float = 300) -> tuple[str, str, str]:
-        """Submit ``medood <args>`` with the token; wait; return (job id, status, logs)."""
-        from ray.job_submission import JobStatus
-
-        client = self.client()
-        job = client.submit_job(
+    def submit(self, medood_args: list[str]) -> str:
+        """Submit ``medood <args>`` as a job, with the token."""
+        return self.client().submit_job(
             entrypoint=" ".join([PYTHON, "-m", "medood.platform.cli", *map(shlex.quote, medood_args)]),
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
         )
+
+    def wait(self, job: str, timeout_s: float = 300) -> tuple[str, str]:
+        """Wait for ``job`` to end; (status, logs) through the job API."""
+        from ray.job_submission import JobStatus
+
+        client = self.client()
+        ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
         deadline = time.monotonic() + timeout_s
         status = client.get_job_status(job)
-        while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED} and time.monotonic() < deadline:
+        while status not in ended and time.monotonic() < deadline:
             time.sleep(1)
             status = client.get_job_status(job)
-        if status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if status not in ended:
             client.stop_job(job)
-        return job, str(status), client.get_job_logs(job)
+        return str(status), client.get_job_logs(job)
+
+    def run_job(self, medood_args: list[str], timeout_s: float = 300) -> tuple[str, str]:
+        return self.wait(self.submit(medood_args), timeout_s)
 
     def actors(self, class_name: str) -> list[dict]:
         """Ray's state API, through the `ray list` command with the token."""
@@ -255,12 +262,17 @@ def cluster():
 def shards(cluster):
     """``medood data synth`` + ingest of a small embedded set, as a job on the cluster."""
     out = Path(tempfile.mkdtemp(prefix="medood-cluster-"))
-    job, status, logs = cluster.run_job([
+    status, logs = cluster.run_job([
         "data", "synth", "digitanatomy", str(out / "raw"), "--n-train", "24", "--n-test", "12", "--size", "32",
         "--shards", str(out / "shards"), "--no-progress",
     ])
     yield {"out": out, "status": status, "logs": logs, "shards": out / "shards"}
     shutil.rmtree(out, ignore_errors=True)
+
+
+TINY_AE = [
+    "--set", "image_size=32", "--set", "batch_size=8", "--no-wandb", "--metric", "val_loss", "--mode", "min",
+]
 
 
 @pytest.mark.cluster
@@ -300,13 +312,46 @@ def test_a_job_without_the_token_is_refused(cluster):
 def test_train_two_workers_one_per_node(cluster, shards):
     assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
     run = shards["out"] / "run"
-    job, status, logs = cluster.run_job([
+    status, logs = cluster.run_job([
         "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny",
-        "--set", "image_size=32", "--set", "epochs=2", "--set", "batch_size=8", "--workers", "2",
-        "--placement", "STRICT_SPREAD", "--out", str(run), "--no-wandb", "--metric", "val_loss", "--mode", "min",
+        *TINY_AE, "--set", "epochs=2", "--workers", "2", "--placement", "STRICT_SPREAD", "--out", str(run),
     ])
     assert status == "SUCCEEDED", logs[-3000:]
     result = json.loads((run / "run.json").read_text())
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     workers = [a for a in cluster.actors("RayTrainWorker") if a.get("job_id") and a["state"] in ("ALIVE", "DEAD")]
     assert len({a["node_id"] for a in workers}) == 2, workers
+
+
+@pytest.mark.cluster
+def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
+    """Kill the second node's raylet (a crash) once the run has a checkpoint: Ray Train restarts the
+    workers on what is left (SPREAD: both fit the head) from the latest checkpoint and finishes. Last
+    test of the module: the cluster has one node afterwards."""
+    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
+    run = shards["out"] / "run-node-loss"
+    epochs = 5
+    job = cluster.submit([
+        "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny", *TINY_AE,
+        "--set", f"epochs={epochs}", "--workers", "2", "--cpus-per-worker", "0.5", "--placement", "SPREAD",
+        "--max-failures", "2", "--out", str(run),
+    ])
+    deadline = time.monotonic() + 240
+    while not list(run.glob("checkpoint_*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(run.glob("checkpoint_*")), "no checkpoint before the deadline"
+    workers = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE" and a.get("job_id")]
+    second_id = next(n["node_id"] for n in cluster_nodes(cluster) if n["node_ip"] and n["node_id"] and not n.get("is_head_node"))
+    assert second_id in {a["node_id"] for a in workers}, "no worker on the second node"
+    killed_at = time.monotonic()
+    (raylet,) = cluster.second.processes("raylet")
+    raylet.kill()
+    status, logs = cluster.wait(job, timeout_s=400)
+    recovery_s = time.monotonic() - killed_at
+    assert status == "SUCCEEDED", logs[-3000:]
+    result = json.loads((run / "run.json").read_text())
+    history = result["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    resumed = [h["resumed_from_epoch"] for h in history]
+    assert max(resumed) >= 1, resumed  # the later epochs ran after a restore from a checkpoint
+    print(f"node loss: resumed from epoch {max(resumed)}, {recovery_s:.0f} s from the kill to the end")
