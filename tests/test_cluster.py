@@ -13,6 +13,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +24,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -145,25 +145,33 @@ class Node:
             self.stop()
             raise RuntimeError(f"ray start failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
 
-    def processes(self, name: str = "") -> list[psutil.Process]:
-        """This node's processes (their command lines name its node manager port or temp folder)."""
+    def processes(self, name: str = "") -> list[int]:
+        """PIDs of this node's processes (their command lines name its node manager port or temp folder)."""
         marks = (f"--node_manager_port={self.ports['node-manager-port']}", str(self.temp_dir))
         found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if any(mark in cmd for mark in marks) and name in cmd:
-                found.append(proc)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(mark in cmd for mark in marks) and name in cmd and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
         return found
 
     def stop(self) -> None:
-        procs = self.processes()
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
+        """SIGTERM this node's processes, SIGKILL what is left after 10 s (never `ray stop`)."""
+        pids = self.processes()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _free_port_range(n: int) -> int:
@@ -344,8 +352,8 @@ def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
     second_id = next(n["node_id"] for n in cluster_nodes(cluster) if n["node_ip"] and n["node_id"] and not n.get("is_head_node"))
     assert second_id in {a["node_id"] for a in workers}, "no worker on the second node"
     killed_at = time.monotonic()
-    (raylet,) = cluster.second.processes("raylet")
-    raylet.kill()
+    (raylet,) = cluster.second.processes("/raylet ")
+    os.kill(raylet, signal.SIGKILL)
     status, logs = cluster.wait(job, timeout_s=400)
     recovery_s = time.monotonic() - killed_at
     assert status == "SUCCEEDED", logs[-3000:]
@@ -355,3 +363,11 @@ def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
     resumed = [h["resumed_from_epoch"] for h in history]
     assert max(resumed) >= 1, resumed  # the later epochs ran after a restore from a checkpoint
     print(f"node loss: resumed from epoch {max(resumed)}, {recovery_s:.0f} s from the kill to the end")
+
+
+def test_runtime_env_leaves_the_jobs_own_variables_to_the_job(monkeypatch):
+    # What `ray job submit --runtime-env-json '{"env_vars": {"WANDB_MODE": "disabled"}}'` gives its driver.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"WANDB_MODE": "disabled"}}}))
+    assert "WANDB_MODE" not in jobs.runtime_env()["env_vars"]
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert "WANDB_MODE" in jobs.runtime_env()["env_vars"]

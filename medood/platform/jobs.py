@@ -12,6 +12,7 @@ authentication Ray 2.60 turns on for the dashboard (``RAY_AUTH_MODE=token``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -113,11 +114,19 @@ def quiet_ray_data() -> None:
 
 
 def runtime_env() -> dict[str, Any]:
-    """Environment for every Ray worker: W&B offline unless the user chose, no Ray Data progress spam."""
+    """Environment for every Ray worker: W&B offline unless the user chose, no Ray Data progress spam.
+
+    Inside a `ray job submit` job, variables the job's own runtime env sets are left to it (Ray refuses
+    a driver runtime env that sets the same variable again).
+    """
     env = {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     for key in ("WANDB_API_KEY", "WANDB_DIR", "MEDOOD_SALT"):
         if key in os.environ:
             env[key] = os.environ[key]
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
     return {"env_vars": env}
 
 
