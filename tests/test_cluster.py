@@ -338,7 +338,7 @@ def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
     test of the module: the cluster has one node afterwards."""
     assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
     run = shards["out"] / "run-node-loss"
-    epochs = 5
+    epochs = 3
     job = cluster.submit([
         "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny", *TINY_AE,
         "--set", f"epochs={epochs}", "--workers", "2", "--cpus-per-worker", "0.5", "--placement", "SPREAD",
