@@ -1,15 +1,20 @@
 """The `medood` command: ingest, data, train, evaluate, methods, tune, serve, demo.
 
 Usage errors (an unknown method, config key, layout or split; a missing file) print one line that
-names the bad value and the valid ones, and exit with code 2.
+names the bad value and the valid ones, and exit with code 2, as does a Ray cluster that cannot be
+reached. The commands that start Ray (train, evaluate, tune, serve, demo) take ``--address``: the
+cluster to join (default: ``RAY_ADDRESS``, else a new local Ray; see ``medood.platform.jobs``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,26 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
+
+
+
+def with_address(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with an ``--address`` option: the Ray cluster it joins (``jobs.use_address``)."""
+    from medood.platform.jobs import ADDRESS_HELP, use_address
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, address: str | None = None, **kwargs: Any) -> Any:
+        use_address(address)
+        return command(*args, **kwargs)
+
+    signature = inspect.signature(command, eval_str=True)
+    option = inspect.Parameter(
+        "address", inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, "--address", help=ADDRESS_HELP), annotation=str
+    )
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), option])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**command.__annotations__, "address": str}
+    return wrapper
+
 
 app.command("ingest", help="Ingest scans in a public layout into Parquet shards.")(ingest_command)
 app.add_typer(data_app, name="data", help="Embedded datasets and shard information.")
@@ -51,6 +76,7 @@ def _data_options(items: list[str] | None) -> dict[str, Any]:
 
 
 @app.command("train")
+@with_address
 def train_command(
     method: str = typer.Option(..., "--method", "-m", help="Registered method name (see `medood methods`)."),
     data: Path = typer.Option(..., "--data", "-d", help="Shard folder written by `medood ingest`."),
@@ -69,6 +95,12 @@ def train_command(
     no_wandb: bool = typer.Option(False, "--no-wandb", help="Turn Weights & Biases logging off."),
     threshold_rule: str = typer.Option(
         "youden", help="How the val split sets the decision threshold: youden, specificity (95% on normals) or f1."
+    ),
+    placement: str = typer.Option(
+        "PACK", "--placement", help="Where the workers go: PACK (few nodes), SPREAD, STRICT_SPREAD (one per node)."
+    ),
+    sync_batchnorm: bool = typer.Option(
+        False, "--sync-batchnorm", help="Batch-norm statistics over all workers (SyncBatchNorm; GPU workers)."
     ),
 ) -> None:
     """Train a method with Ray Train on streamed shards; resumes when the run folder exists."""
@@ -90,8 +122,12 @@ def train_command(
         max_failures=max_failures,
         wandb=not no_wandb,
         threshold_rule=threshold_rule,
+        placement_strategy=placement.upper(),
+        sync_batchnorm=sync_batchnorm,
     )
     options.resolved_config()  # fail fast on unknown method / keys, before Ray starts
+    if options.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ValueError(f"unknown placement {placement!r}; known: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
     ensure_ray()
     result = train(options)
     console.print(f"[green]run[/green] {result.path}")
@@ -100,6 +136,7 @@ def train_command(
 
 
 @app.command("evaluate")
+@with_address
 def evaluate_command(
     checkpoint: Path = typer.Argument(..., help="A checkpoint folder, a run folder, or a sweep's best.json."),
     data: Path = typer.Option(..., "--data", "-d", help="Shard folder."),
@@ -158,6 +195,7 @@ def methods_command(
 
 
 @app.command("demo")
+@with_address
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), help="Where the data, runs and report go."),
     seed: int = typer.Option(0, help="Seed of the generated data and the runs."),
@@ -173,8 +211,8 @@ def _register_sweep_and_serve_commands() -> None:
     """`medood tune` and `medood serve` (their modules import Ray Tune / Serve only when a command runs)."""
     from medood.platform import serve, tune
 
-    app.command("tune", help=tune.tune_command.__doc__)(tune.tune_command)
-    app.command("serve", help=serve.serve_command.__doc__)(serve.serve_command)
+    app.command("tune", help=tune.tune_command.__doc__)(with_address(tune.tune_command))
+    app.command("serve", help=serve.serve_command.__doc__)(with_address(serve.serve_command))
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -192,7 +230,7 @@ def main() -> None:
     _register_sweep_and_serve_commands()
     try:
         app()
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError) as error:
         err.print(f"[red]error:[/red] {error}")
         sys.exit(2)
 

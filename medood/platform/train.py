@@ -16,10 +16,17 @@ best checkpoints by the chosen metric and always the latest. Starting a run agai
 ``out`` folder resumes from its latest checkpoint (Ray Train restores the run's state from
 storage); ``max_failures`` restarts failed workers from the latest checkpoint too.
 
-Gradients of multi-worker runs are averaged with an all-reduce per optimizer step instead of
-wrapping the model in DistributedDataParallel, because methods with several optimizers (SQUID's
-generator / discriminator) back-propagate each loss into a subset of the parameters, which DDP's
-reducer does not allow.
+Multi-worker runs synchronise gradients with PyTorch DDP, set up by Ray Train's ``prepare_model``,
+once per optimizer (``prepare_optimizers``): the parameters an optimizer steps are wrapped as one
+DDP module whose forward passes that optimizer's loss through, so DDP's reducer is armed for exactly
+the backward of that loss and all-reduces its buckets while the backward runs. Wrapping the whole
+method would not do: methods with several optimizers (SQUID's generator / discriminator)
+back-propagate each loss into a subset of the parameters (``backward(inputs=...)``), with several
+backward passes per forward, which one DDP reducer over all parameters does not allow.
+``find_unused_parameters`` covers parameters a loss does not reach in a step. All parameters and
+buffers start from rank 0's (``broadcast_state``). ``TrainOptions.sync_batchnorm`` converts the
+method's batch norms to ``SyncBatchNorm`` (batch statistics over all workers; GPU only, a PyTorch
+limit).
 
 A method without training stages (the reference floors) is fitted, validated and checkpointed once.
 
@@ -83,6 +90,8 @@ class TrainOptions:
     wandb_group: str | None = None
     shuffle_buffer: int = 64
     threshold_rule: str = "youden"  # metrics.THRESHOLD_RULES
+    sync_batchnorm: bool = False  # multi-worker GPU runs: batch-norm statistics over all workers
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node)
     progress: bool = True  # one line per epoch on the driver
 
     def resolved_config(self) -> Any:
@@ -141,6 +150,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         "cpus_per_worker": float(options.cpus_per_worker),
         "shuffle_buffer": int(options.shuffle_buffer),
         "threshold_rule": options.threshold_rule,
+        "sync_batchnorm": bool(options.sync_batchnorm),
         "run_name": out.name,
         "wandb": _wandb_settings(options, out, config),
     }
@@ -152,7 +162,10 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=options.workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=options.placement_strategy,
+        ),
         run_config=RunConfig(
             name=out.name,
             storage_path=str(out.parent),
@@ -194,8 +207,13 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
     _seed_everything(int(config.seed) + rank)
     model = method_cls(config).to(device)
     amp = bool(loop["mixed_precision"]) and device.type == "cuda"
+    if loop.get("sync_batchnorm") and world > 1:
+        if device.type == "cpu":
+            raise ValueError("sync_batchnorm needs GPU workers (PyTorch's SyncBatchNorm has no CPU kernel)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     start = _restore(model, ray.train.get_checkpoint())
+    broadcast_state(model, world)
     history: list[dict[str, Any]] = start["history"]
     tracker = _Tracker(loop["wandb"]) if rank == 0 else None
 
@@ -237,6 +255,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                 continue
             optimizers = model.configure_optimizers(stage.name)
             schedulers = model.configure_schedulers(stage.name, optimizers)
+            syncs = prepare_optimizers(optimizers, world_size=world)
             first_epoch = 0
             if stage_index == start["stage_index"]:
                 first_epoch = start["epoch_in_stage"]
@@ -267,7 +286,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                     tb = to_torch_batch(batch, device)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         losses = model(tb, stage.name)
-                    step_optimizers(optimizers, losses, world_size=world)
+                    step_optimizers(optimizers, losses, syncs=syncs)
                     samples += len(tb["id"])
                     known_anomalies += int((tb["label"] == 1).sum())
                     for key, value in losses.items():
@@ -308,43 +327,89 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
             tracker.finish()
 
 
-def step_optimizers(optimizers: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], *, world_size: int = 1) -> None:
+class OptimizerParams(torch.nn.Module):
+    """The parameters one optimizer steps, as a module DDP can wrap; its forward passes a loss through."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)  # the method's own Parameter objects, shared
+
+    def forward(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+
+def _ray_prepare(module: torch.nn.Module) -> torch.nn.Module:
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(
+        module, move_to_device=False, parallel_strategy="ddp", parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+
+
+def prepare_optimizers(
+    optimizers: dict[str, torch.optim.Optimizer], *, world_size: int, wrap: Any = None
+) -> dict[str, torch.nn.Module]:
+    """One DDP module per optimizer (``OptimizerParams`` through ``wrap``, Ray Train's ``prepare_model``).
+
+    Empty for a single worker. ``step_optimizers`` passes optimizer ``k``'s loss through module ``k``
+    right before its backward, which arms DDP's reducer for that backward only: the reducer's
+    gradient hooks all-reduce (average) the gradients bucket by bucket while the backward runs and
+    write them back before ``backward`` returns. ``wrap`` is for tests without Ray Train:
+    ``lambda m: DistributedDataParallel(m, find_unused_parameters=True)``.
+    """
+    if world_size <= 1:
+        return {}
+    wrap = wrap or _ray_prepare
+    syncs = {}
+    for name, optimizer in optimizers.items():
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if params:
+            syncs[name] = wrap(OptimizerParams(params))
+    return syncs
+
+
+def broadcast_state(model: torch.nn.Module, world_size: int) -> None:
+    """Every rank starts from rank 0's parameters and buffers (ranks seed their RNGs differently)."""
+    if world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def step_optimizers(
+    optimizers: dict[str, torch.optim.Optimizer],
+    losses: dict[str, torch.Tensor],
+    *,
+    syncs: dict[str, torch.nn.Module] | None = None,
+) -> None:
     """One optimisation step under the method contract (see ``medood.methods.base``).
 
     Optimizer ``main`` minimises ``loss``, optimizer ``k`` minimises ``loss_k``; a loss that is absent
     skips its optimizer. Each loss is back-propagated only into its optimizer's parameters; with
-    several workers the gradients are averaged with one all-reduce per optimizer.
+    several workers its gradients are averaged over the workers by DDP during that backward
+    (``syncs`` from ``prepare_optimizers``).
     """
+    syncs = syncs or {}
     active = []
     for name, optimizer in optimizers.items():
         key = "loss" if name == "main" else f"loss_{name}"
         if key in losses:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-            active.append((optimizer, losses[key], params))
+            active.append((name, optimizer, losses[key], params))
     if not active:
         return
-    for optimizer, _, _ in active:
+    for _, optimizer, _, _ in active:
         optimizer.zero_grad(set_to_none=True)
-    for i, (_, loss, params) in enumerate(active):
+    for i, (name, _, loss, params) in enumerate(active):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({float(loss)}); lower the learning rate")
+        if name in syncs:
+            loss = syncs[name](loss)  # arms DDP's reducer for this backward
         loss.backward(inputs=params, retain_graph=i < len(active) - 1)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        for _, _, params in active:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            flat /= world_size
-            offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad.copy_(flat[offset : offset + n].view_as(p))
-                offset += n
-    for optimizer, _, _ in active:
+    for _, optimizer, _, _ in active:
         optimizer.step()
 
 

@@ -1,0 +1,373 @@
+"""Which Ray a command joins (issue 15, item 6).
+
+A command joins the cluster named by ``--address`` or ``RAY_ADDRESS`` and otherwise starts its own
+local Ray: a cluster file left by an earlier ``ray start`` (its processes gone) is never read. A named
+cluster that does not answer fails at once with an error naming the address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medood.platform import jobs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_ray_init(monkeypatch):
+    """Record what ``ensure_ray`` passes to ``ray.init`` instead of starting Ray."""
+    import ray
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(jobs, "quiet_ray_data", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return calls
+
+
+def test_no_address_starts_a_local_ray_even_with_a_stale_cluster_file(fake_ray_init, monkeypatch, tmp_path):
+    import ray._common.utils as ray_utils
+
+    # What an earlier `ray start` leaves behind (its processes gone), in this test's own Ray temp dir.
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    stale = f"127.0.0.1:{_free_port()}"
+    (tmp_path / "ray").mkdir()
+    address_file = ray_utils.get_ray_address_file(None)
+    assert address_file.startswith(str(tmp_path))
+    with open(address_file, "w") as f:
+        f.write(stale)
+    jobs.ensure_ray(num_cpus=1)
+    (kwargs,) = fake_ray_init
+    # "local" is the one address for which Ray does not read the cluster file (None and "auto" do).
+    assert kwargs["address"] == "local"
+    assert kwargs["num_cpus"] == 1
+
+
+def test_ray_address_and_option_name_the_cluster(fake_ray_init, monkeypatch):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        jobs.ensure_ray()
+        jobs.use_address(f"ray://{address}")  # --address wins over RAY_ADDRESS
+        jobs.ensure_ray()
+    assert [c["address"] for c in fake_ray_init] == [address, f"ray://{address}"]
+    # Joining a cluster passes no local-start arguments (Ray refuses num_cpus for an existing cluster).
+    assert all("num_cpus" not in c and "include_dashboard" not in c for c in fake_ray_init)
+
+
+def test_unreachable_cluster_is_a_clear_error_naming_the_address(fake_ray_init):
+    address = f"127.0.0.1:{_free_port()}"
+    with pytest.raises(ConnectionError, match=address):
+        jobs.ensure_ray(address)
+    assert fake_ray_init == []  # failed before Ray's minutes of retries
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "tune", "serve", "demo"])
+def test_commands_that_start_ray_take_address(command):
+    from medood.platform import cli
+
+    cli._register_sweep_and_serve_commands()
+    result = CliRunner().invoke(cli.app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--address" in result.output
+
+
+def test_cli_unreachable_address_exits_2_naming_it(monkeypatch, tmp_path, capsys):
+    from medood.platform import cli
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    address = f"127.0.0.1:{_free_port()}"
+    # evaluate joins Ray before it reads anything.
+    monkeypatch.setattr(
+        "sys.argv", ["medood", "evaluate", str(tmp_path / "run"), "--data", str(tmp_path), "--address", address]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    assert address in capsys.readouterr().err.replace("\n", "")
+
+
+# -- a real two-node Ray cluster on this machine (items 1 and 2) ----------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class Node:
+    """One `ray start` node with its own ports and temp folder; stopped by its own processes."""
+
+    def __init__(self, root: Path, env: dict[str, str], *, head_address: str | None = None, num_cpus: int = 1) -> None:
+        self.temp_dir = root
+        self.ports = {name: _free_port() for name in (
+            "node-manager-port", "object-manager-port", "runtime-env-agent-port", "dashboard-agent-grpc-port",
+            "dashboard-agent-listen-port", "metrics-export-port",
+        )}
+        low = _free_port_range(20)
+        args = [RAY, "start", "--disable-usage-stats", "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+                "--temp-dir", str(root), "--min-worker-port", str(low), "--max-worker-port", str(low + 19)]
+        args += [f"--{name}={port}" for name, port in self.ports.items()]
+        if head_address is None:
+            self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+            args += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"]
+        else:
+            args += ["--address", head_address]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    def processes(self, name: str = "") -> list[int]:
+        """PIDs of this node's processes (their command lines name its node manager port or temp folder)."""
+        marks = (f"--node_manager_port={self.ports['node-manager-port']}", str(self.temp_dir))
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(mark in cmd for mark in marks) and name in cmd and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM this node's processes, SIGKILL what is left after 10 s (never `ray stop`)."""
+        pids = self.processes()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+            time.sleep(0.2)
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _free_port_range(n: int) -> int:
+    while True:
+        low = _free_port()
+        if low + n < 65000 and all(_port_free(low + i) for i in range(n)):
+            return low
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@dataclass
+class Cluster:
+    head: Node
+    second: Node
+    token: str
+    env: dict[str, str]
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.head.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.head.dashboard_port}"
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
+
+    def submit(self, medood_args: list[str]) -> str:
+        """Submit ``medood <args>`` as a job, with the token."""
+        return self.client().submit_job(
+            entrypoint=" ".join([PYTHON, "-m", "medood.platform.cli", *map(shlex.quote, medood_args)]),
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
+        )
+
+    def wait(self, job: str, timeout_s: float = 300) -> tuple[str, str]:
+        """Wait for ``job`` to end; (status, logs) through the job API."""
+        from ray.job_submission import JobStatus
+
+        client = self.client()
+        ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+        deadline = time.monotonic() + timeout_s
+        status = client.get_job_status(job)
+        while status not in ended and time.monotonic() < deadline:
+            time.sleep(1)
+            status = client.get_job_status(job)
+        if status not in ended:
+            client.stop_job(job)
+        return str(status), client.get_job_logs(job)
+
+    def run_job(self, medood_args: list[str], timeout_s: float = 300) -> tuple[str, str]:
+        return self.wait(self.submit(medood_args), timeout_s)
+
+    def actors(self, class_name: str) -> list[dict]:
+        """Ray's state API, through the `ray list` command with the token."""
+        done = subprocess.run(
+            [RAY, "list", "actors", "--address", self.dashboard, "--filter", f"class_name={class_name}",
+             "--format", "json", "--limit", "100"],
+            env=self.env, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (token authentication on) and a second node joined to it, 1 CPU each, on this machine."""
+    token = secrets.token_hex(16)
+    root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    nodes: list[Node] = []
+    try:
+        head = Node(root / "h", env, num_cpus=2)
+        nodes.append(head)
+        second = Node(root / "n", env, head_address=f"127.0.0.1:{head.gcs_port}", num_cpus=2)
+        nodes.append(second)
+        yield Cluster(head, second, token, env)
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shards(cluster):
+    """``medood data synth`` + ingest of a small embedded set, as a job on the cluster."""
+    out = Path(tempfile.mkdtemp(prefix="medood-cluster-"))
+    status, logs = cluster.run_job([
+        "data", "synth", "digitanatomy", str(out / "raw"), "--n-train", "24", "--n-test", "12", "--size", "32",
+        "--shards", str(out / "shards"), "--no-progress",
+    ])
+    yield {"out": out, "status": status, "logs": logs, "shards": out / "shards"}
+    shutil.rmtree(out, ignore_errors=True)
+
+
+TINY_AE = [
+    "--set", "image_size=32", "--set", "batch_size=8", "--no-wandb", "--metric", "val_loss", "--mode", "min",
+]
+
+
+@pytest.mark.cluster
+def test_two_live_nodes_and_ingest_through_the_job_api(cluster, shards):
+    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
+    assert (shards["shards"] / "manifest.json").is_file()
+    nodes = {n["node_id"]: n for n in cluster_nodes(cluster)}
+    assert len(nodes) == 2
+
+
+def cluster_nodes(cluster: Cluster) -> list[dict]:
+    done = subprocess.run(
+        [RAY, "list", "nodes", "--address", cluster.dashboard, "--filter", "state=ALIVE", "--format", "json"],
+        env=cluster.env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@pytest.mark.cluster
+def test_a_job_without_the_token_is_refused(cluster):
+    request = urllib.request.Request(
+        f"{cluster.dashboard}/api/jobs/", data=json.dumps({"entrypoint": "echo hi"}).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code in (401, 403)
+    wrong = urllib.request.Request(request.full_url, data=request.data, method="POST",
+                                   headers={"Content-Type": "application/json", "Authorization": "Bearer nope"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=30)
+    assert refused.value.code in (401, 403)
+
+
+@pytest.mark.cluster
+def test_train_two_workers_one_per_node(cluster, shards):
+    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
+    run = shards["out"] / "run"
+    status, logs = cluster.run_job([
+        "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny",
+        *TINY_AE, "--set", "epochs=2", "--workers", "2", "--placement", "STRICT_SPREAD", "--out", str(run),
+    ])
+    assert status == "SUCCEEDED", logs[-3000:]
+    result = json.loads((run / "run.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    workers = [a for a in cluster.actors("RayTrainWorker") if a.get("job_id") and a["state"] in ("ALIVE", "DEAD")]
+    assert len({a["node_id"] for a in workers}) == 2, workers
+
+
+@pytest.mark.cluster
+def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
+    """Kill the second node's raylet (a crash) once the run has a checkpoint: Ray Train restarts the
+    workers on what is left (SPREAD: both fit the head) from the latest checkpoint and finishes. Last
+    test of the module: the cluster has one node afterwards."""
+    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
+    run = shards["out"] / "run-node-loss"
+    epochs = 3
+    job = cluster.submit([
+        "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny", *TINY_AE,
+        "--set", f"epochs={epochs}", "--workers", "2", "--cpus-per-worker", "0.5", "--placement", "SPREAD",
+        "--max-failures", "2", "--out", str(run),
+    ])
+    deadline = time.monotonic() + 240
+    while not list(run.glob("checkpoint_*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(run.glob("checkpoint_*")), "no checkpoint before the deadline"
+    workers = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE" and a.get("job_id")]
+    second_id = next(n["node_id"] for n in cluster_nodes(cluster) if n["node_ip"] and n["node_id"] and not n.get("is_head_node"))
+    assert second_id in {a["node_id"] for a in workers}, "no worker on the second node"
+    killed_at = time.monotonic()
+    (raylet,) = cluster.second.processes("/raylet ")
+    os.kill(raylet, signal.SIGKILL)
+    status, logs = cluster.wait(job, timeout_s=400)
+    recovery_s = time.monotonic() - killed_at
+    assert status == "SUCCEEDED", logs[-3000:]
+    result = json.loads((run / "run.json").read_text())
+    history = result["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    resumed = [h["resumed_from_epoch"] for h in history]
+    assert max(resumed) >= 1, resumed  # the later epochs ran after a restore from a checkpoint
+    print(f"node loss: resumed from epoch {max(resumed)}, {recovery_s:.0f} s from the kill to the end")
+
+
+def test_runtime_env_leaves_the_jobs_own_variables_to_the_job(monkeypatch):
+    # What `ray job submit --runtime-env-json '{"env_vars": {"WANDB_MODE": "disabled"}}'` gives its driver.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"WANDB_MODE": "disabled"}}}))
+    assert "WANDB_MODE" not in jobs.runtime_env()["env_vars"]
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert "WANDB_MODE" in jobs.runtime_env()["env_vars"]
