@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-cluster lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/medood demo --out runs/demo
 
+# The two-node cluster tests (issue 15) start and kill Ray nodes for several minutes: run them alone.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster tests/test_cluster.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check medood tests benchmarks
