@@ -299,3 +299,18 @@ def test_sweep_interrupted_then_resumed_keeps_finished_trials(ray_local, digits,
         assert (out / "plots" / name).read_bytes()[:4] == PNG
     with pytest.raises(ValueError, match="already holds a sweep; pass --resume"):
         sweep(options)
+
+
+def test_sensitivity_is_a_metric_name_and_its_agreement_with_auroc_is_spearman(digits, tmp_path):
+    from scipy.stats import spearmanr
+
+    from medood.platform.tune import sensitivity_agreement
+
+    plan = make_plan(SweepOptions("contrastive_mahalanobis", str(digits), ablation="covariance", preset="tiny",
+                                  metric="sensitivity"), tmp_path / "s")
+    assert (plan["metric"], plan["mode"]) == ("val_sensitivity", "max")
+    rows = [{"val_sensitivity": s, "val_auroc": a} for s, a in [(0.6, 0.7), (0.55, 0.72), (0.8, 0.9), (0.5, 0.4)]]
+    rho, p_value, n = sensitivity_agreement(rows + [{"val_sensitivity": None, "val_auroc": 0.5}])
+    expected = spearmanr([0.6, 0.55, 0.8, 0.5], [0.7, 0.72, 0.9, 0.4])
+    assert n == 4 and rho == pytest.approx(expected.statistic) and p_value == pytest.approx(expected.pvalue)
+    assert sensitivity_agreement(rows[:2]) is None

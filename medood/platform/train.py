@@ -40,6 +40,7 @@ Ray queue, so it works the same on a cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -63,6 +64,7 @@ from medood.platform import metrics as M
 from medood.platform.data.stream import InputSpec, read_manifest, to_torch_batch, training_datasets
 
 LABEL_FREE_METRICS = ("val_loss", "val_sensitivity")
+METRIC_ALIASES = {"sensitivity": "val_sensitivity"}
 
 
 @dataclass
@@ -582,7 +584,13 @@ def validate(
 
 
 def _effective_metric(options: TrainOptions, manifest: dict[str, Any]) -> tuple[str, str]:
-    """The checkpoint metric: the requested one, or ``val_loss`` when val has no labels to rank by."""
+    """The checkpoint metric: the requested one, or ``val_loss`` when val has no labels to rank by.
+
+    ``sensitivity`` names ``val_sensitivity``, the label-free score of the methods that define one (Rafiee
+    thesis ch. 7), ranked by its maximum.
+    """
+    if options.metric in METRIC_ALIASES:
+        options = dataclasses.replace(options, metric=METRIC_ALIASES[options.metric])
     val_counts = manifest["counts"].get("val", {})
     labelled = int(val_counts.get("normal", 0)) > 0 and int(val_counts.get("abnormal", 0)) > 0
     if options.metric in ("val_auroc", "val_ap") and not labelled:

@@ -66,7 +66,7 @@ DEFAULT_SPACE_SAMPLES = 8
 DATA_CPUS_PER_TRIAL = 1
 # The trial driver only waits on its TorchTrainer: no CPU, and a bundle cannot be empty.
 DRIVER_MEMORY_BYTES = 256 * 1024**2
-METRIC_COLUMNS = ("val_auroc", "val_ap", "val_loss", "train_loss")
+METRIC_COLUMNS = ("val_auroc", "val_ap", "val_sensitivity", "val_loss", "train_loss")
 
 
 @dataclass
@@ -548,6 +548,11 @@ def _render_markdown(
     if interrupted:
         lines += ["**Interrupted**: resume with `medood tune --resume --out " + str(out) + "`.", ""]
     lines += _ablation_table(plan, rows) if ablation else _ranking_table(plan, rows)
+    agreement = sensitivity_agreement(rows)
+    if agreement is not None:
+        rho, p_value, n = agreement
+        lines += ["", f"Label-free sensitivity vs val AUROC across {n} trials: Spearman rho = {rho:+.3f} "
+                  f"(p = {p_value:.3f}); a positive rho means the sensitivity score ranks the trials as the labels do."]
     if plan["skipped"]:
         lines += ["", f"Settings not run (invalid for preset `{plan['preset']}`):", ""]
         lines += [f"- {s['label']}: {s['reason']}" for s in plan["skipped"]]
@@ -565,6 +570,21 @@ def _render_markdown(
     if plots:
         lines += [""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def sensitivity_agreement(rows: list[dict[str, Any]]) -> tuple[float, float, int] | None:
+    """Spearman correlation of ``val_sensitivity`` with ``val_auroc`` over the trials that report both
+    (Rafiee thesis Sec. 7: the label-free score should rank models as the labels do); None under 3 trials."""
+    pairs = [(r["val_sensitivity"], r["val_auroc"]) for r in rows
+             if _number(r.get("val_sensitivity")) is not None and _number(r.get("val_auroc")) is not None]
+    if len(pairs) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    result = spearmanr([p[0] for p in pairs], [p[1] for p in pairs])
+    if not math.isfinite(float(result.statistic)):
+        return None
+    return float(result.statistic), float(result.pvalue), len(pairs)
 
 
 def _ablation_table(plan: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
