@@ -862,7 +862,7 @@ def tune_command(
     scheduler: str = typer.Option(
         None, help="asha (stop weak trials early) or fifo (every trial to the end); default asha, fifo for --ablation."
     ),
-    metric: str = typer.Option("val_auroc", help="Metric to rank trials (val_auroc, val_ap, val_loss)."),
+    metric: str = typer.Option("val_auroc", help="Metric to rank trials (val_auroc, val_ap, val_loss, sensitivity)."),
     mode: str = typer.Option("max", help="max or min."),
     grace_period: int = typer.Option(1, help="ASHA: epochs every trial runs before it can be stopped."),
     reduction_factor: float = typer.Option(2.0, help="ASHA: 1 / fraction of trials kept at each rung."),
