@@ -8,3 +8,17 @@ import tempfile
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("MEDOOD_HOME", tempfile.mkdtemp(prefix="medood-home-"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _ray_address_stays_the_tests_own():
+    """A command's ``--address`` is stored in ``RAY_ADDRESS`` (``jobs.use_address``); a test that runs one
+    in-process must not leave it behind for the next test's local Ray."""
+    before = os.environ.get("RAY_ADDRESS")
+    yield
+    if before is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = before

@@ -975,8 +975,31 @@ def _make_tuner(plan: dict[str, Any], out: Path) -> Any:
             name=out.name,
             storage_path=str(out.parent),
             failure_config=tune.FailureConfig(max_failures=0),  # each Train run retries its own workers
+            # Tune's own status table every 30 s is replaced by one line per trial epoch (_trial_progress).
+            verbose=0,
+            callbacks=[_trial_progress()],
         ),
     )
+
+
+def _trial_progress() -> Any:
+    """A Tune callback: one line per trial epoch (``train.progress_line``), and one when a trial ends."""
+    from ray import tune
+
+    from medood.platform.train import progress_line
+
+    class TrialProgress(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            if "epoch" in result:
+                print(f"[{trial_name(trial)}] {progress_line(result)}", flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"[{trial_name(trial)}] done", flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(f"[{trial_name(trial)}] failed; see results.md", flush=True)
+
+    return TrialProgress()
 
 
 def trial_name(trial: Any) -> str:
