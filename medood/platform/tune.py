@@ -595,10 +595,13 @@ def _ablation_table(plan: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
     value_columns = [("val_auroc", "AUROC"), ("val_ap", "AP")]
     if metric not in ("val_auroc", "val_ap"):
         value_columns.append((metric, metric))
-    has_paper = any(s["paper"] for s in ablation["settings"])
+    # The paper's figures, one column per metric the paper reports (AUROC; AP; voxel AP for MOOD tables).
+    paper_names = {"auroc": "paper AUROC", "ap": "paper AP", "pixel_ap": "paper voxel AP"}
+    paper_keys = [k for k in spaces.PAPER_METRICS if any(k in s["paper"] for s in ablation["settings"])]
+    has_paper = bool(paper_keys)
     seeds = len(ablation["seeds"])
     columns = head + [name for _, name in value_columns] + ["epochs"]
-    columns += ["paper AUROC"] if has_paper else []
+    columns += [paper_names.get(k, f"paper {k}") for k in paper_keys]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for setting in ablation["settings"]:
         group = [r for r in rows if r.get("setting") == setting["label"]]
@@ -610,15 +613,16 @@ def _ablation_table(plan: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
             cells.append(_mean_std([r.get(key) for r in group], seeds))
         epochs = [r["epochs_run"] for r in group]
         cells.append("/".join(str(e) for e in epochs) if epochs else "–")
-        if has_paper:
-            paper = setting["paper"].get("auroc")
+        epochs_cell = len(cells) - 1
+        for key in paper_keys:
+            paper = setting["paper"].get(key)
             cells.append("–" if paper is None else f"{paper:.3f}")
         if any(r["status"] not in ("complete", "stopped early") for r in group) or not group:
-            cells[-1 if not has_paper else -2] += " (" + ", ".join(sorted({r["status"] for r in group} or {"not run"})) + ")"
+            cells[epochs_cell] += " (" + ", ".join(sorted({r["status"] for r in group} or {"not run"})) + ")"
         lines.append("| " + " | ".join(cells) + " |")
     note = f"AUROC / AP on the val split; mean ± std over {seeds} seeds." if seeds > 1 else "AUROC / AP on the val split."
     if has_paper:
-        note += " Paper: the published test-set AUROC."
+        note += " Paper: the published test-set figures."
     return lines + ["", note]
 
 
