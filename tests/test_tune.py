@@ -286,9 +286,12 @@ def test_sweep_interrupted_then_resumed_keeps_finished_trials(ray_local, digits,
     # The interrupted one went on from its own epoch-1 checkpoint instead of starting over.
     run = json.loads((paused / "run" / ckpt.RUN_FILE).read_text())
     assert [h["epoch"] for h in run["history"]] == [1, 2]
+    assert [h["resumed_from_epoch"] for h in run["history"]] == [0, 1]
     folders = [c for c in (paused / "run").glob("checkpoint_*") if c.is_dir()]
     epochs = {c: ckpt.read_payload(c / ckpt.MODEL_FILE)["metrics"]["epoch"] for c in folders}
-    assert sorted(epochs.values()) == [1, 2] and epochs[paused_epoch_1] == 1
+    # The interrupt can land after the epoch-2 checkpoint was written but before Ray Train registered it;
+    # such a folder is not resumed from (by Ray's design), so epoch 2 may have been written twice.
+    assert epochs[paused_epoch_1] == 1 and set(epochs.values()) == {1, 2}
 
     best = json.loads((out / ckpt.BEST_FILE).read_text())
     assert best["method"] == "autoencoder" and best["config"]["epochs"] == 2
