@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +33,8 @@ from monai.networks.nets import ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
 
-from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, register
-from medood.methods.components.feature_reference import COVARIANCES, FeatureReference
+from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Stage, register
+from medood.methods.components.feature_reference import COVARIANCES, FeatureReference, ReferenceScoring
 from medood.methods.components.views import color_jitter, imagenet_normalise, random_resized_crop
 
 ENCODERS = {
@@ -111,8 +110,9 @@ def _out_channels(layer: nn.Module) -> int:
 
 
 @register("contrastive_mahalanobis")
-class ContrastiveMahalanobis(AnomalyMethod):
+class ContrastiveMahalanobis(ReferenceScoring, AnomalyMethod):
     Config = Config
+    reference_dtype = torch.float64  # the Gaussian of Eq. 5.2 is fitted in double precision
     presets = {
         "paper": {},
         "tiny": {
@@ -259,29 +259,6 @@ class ContrastiveMahalanobis(AnomalyMethod):
             x = self.head_q(x)
         return F.normalize(x.float(), dim=1)
 
-    @torch.no_grad()
-    def fit_reference(self, batches: Iterable[Batch]) -> None:
-        feats, ids = [], []
-        for b in batches:
-            feats.append(self.features(b["image"]).double().cpu())
-            ids.extend(b.get("id") or [f"row{len(ids) + i}" for i in range(b["image"].shape[0])])
-        if not feats:
-            raise ValueError("contrastive_mahalanobis: fit_reference got no normal training images")
-        self.reference.fit(torch.cat(feats), ids)
-
-    @torch.no_grad()
-    def score(self, batch: Batch) -> Scores:
-        return Scores(sample=self.reference.score(self.features(batch["image"]), batch.get("id")))
-
-    @torch.no_grad()
-    def sensitivity_scores(self, batch: Batch) -> Tensor:
-        """Scores against the D_train^ref statistics (thesis Sec. 6.1.5), for in-distribution test cases."""
-        return self.reference.sensitivity_scores(self.features(batch["image"]))
-
-    def sensitivity_reference(self) -> Tensor | None:
-        """Scores of the held-out training cases D_train^sens against D_train^ref; None without a split
-        (fit_reference without case ids, or too few training cases)."""
-        return self.reference.sensitivity_reference() if self.reference.sensitivity is not None else None
 
 
 def nt_xent(z1: Tensor, z2: Tensor, tau: float) -> Tensor:

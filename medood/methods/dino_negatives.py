@@ -32,15 +32,19 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, register
-from medood.methods.components.feature_reference import COVARIANCES, FEATURE_SCORES, FeatureReference
+from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Stage, register
+from medood.methods.components.feature_reference import (
+    COVARIANCES,
+    FEATURE_SCORES,
+    FeatureReference,
+    ReferenceScoring,
+)
 from medood.methods.components.multicrop_vit import DINOHead, MultiCropViT
 from medood.methods.components.views import (
     SHIFTS,
@@ -128,7 +132,7 @@ class Config(BaseConfig):
 
 
 @register("dino_negatives")
-class DinoNegatives(AnomalyMethod):
+class DinoNegatives(ReferenceScoring, AnomalyMethod):
     Config = Config
     presets = {
         "paper": {},
@@ -333,29 +337,6 @@ class DinoNegatives(AnomalyMethod):
             x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="bilinear", align_corners=False)
         return F.normalize(self.teacher["backbone"](x).float(), dim=1)
 
-    @torch.no_grad()
-    def fit_reference(self, batches: Iterable[Batch]) -> None:
-        feats, ids = [], []
-        for b in batches:
-            feats.append(self.features(b["image"]).cpu())
-            ids.extend(b.get("id") or [f"row{len(ids) + i}" for i in range(b["image"].shape[0])])
-        if not feats:
-            raise ValueError("dino_negatives: fit_reference got no normal training images")
-        self.reference.fit(torch.cat(feats), ids)
-
-    @torch.no_grad()
-    def score(self, batch: Batch) -> Scores:
-        return Scores(sample=self.reference.score(self.features(batch["image"]), batch.get("id")))
-
-    @torch.no_grad()
-    def sensitivity_scores(self, batch: Batch) -> Tensor:
-        """Scores against D_train^ref only (thesis Sec. 6.1.5), for in-distribution test cases."""
-        return self.reference.sensitivity_scores(self.features(batch["image"]))
-
-    def sensitivity_reference(self) -> Tensor | None:
-        """Scores of the held-out training cases D_train^sens against D_train^ref; None without a split
-        (fit_reference without case ids, or too few training cases)."""
-        return self.reference.sensitivity_reference() if self.reference.sensitivity is not None else None
 
 
 def dino_positive_loss(student: list[Tensor], teacher_probs: Tensor, student_temp: float) -> Tensor:

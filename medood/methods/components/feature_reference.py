@@ -176,3 +176,40 @@ class FeatureReference(nn.Module):
 def l2_normalise(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
+
+class ReferenceScoring:
+    """Mixin for a method that scores by a ``FeatureReference`` (``self.reference``) over its
+    ``self.features(image)``: ``fit_reference``, ``score`` and the label-free sensitivity hooks."""
+
+    reference: FeatureReference
+    #: dtype the reference statistics are fitted in
+    reference_dtype: torch.dtype = torch.float32
+
+    def features(self, image: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fit_reference(self, batches: Any) -> None:
+        feats, ids = [], []
+        for b in batches:
+            feats.append(self.features(b["image"]).to(self.reference_dtype).cpu())
+            ids.extend(b.get("id") or [f"row{len(ids) + i}" for i in range(b["image"].shape[0])])
+        if not feats:
+            raise ValueError(f"{getattr(self, 'name', type(self).__name__)}: fit_reference got no normal training images")
+        self.reference.fit(torch.cat(feats), ids)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, Any]) -> Any:
+        from medood.methods.base import Scores
+
+        return Scores(sample=self.reference.score(self.features(batch["image"]), batch.get("id")))
+
+    @torch.no_grad()
+    def sensitivity_scores(self, batch: dict[str, Any]) -> Tensor:
+        """Scores against the D_train^ref statistics only (Rafiee thesis Sec. 6.1.5), for in-distribution test cases."""
+        return self.reference.sensitivity_scores(self.features(batch["image"]))
+
+    def sensitivity_reference(self) -> Tensor | None:
+        """Scores of the held-out training cases D_train^sens against D_train^ref; None without a split
+        (fit_reference without case ids, or too few training cases)."""
+        return self.reference.sensitivity_reference() if self.reference.sensitivity is not None else None

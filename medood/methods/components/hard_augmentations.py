@@ -179,12 +179,7 @@ class PatchRotation(HardAugmentation):
     name = "rotation"
 
     def _box_size(self, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
-        size = list(super()._box_size(shape, rng))
-        plane = rng.choice(len(shape), size=2, replace=False)
-        side = min(size[a] for a in plane)
-        for a in plane:
-            size[a] = side
-        return tuple(size)
+        return _square_in_a_plane(super()._box_size(shape, rng), rng)
 
     def _corrupt(self, out: np.ndarray, box: Box, rng: np.random.Generator) -> np.ndarray:
         # Any plane in which the box is square can be turned in; _box_size made at least one.
@@ -219,12 +214,7 @@ class RotatedCopyPaste(CopyPaste):
     name = "copy_paste_rot"
 
     def _box_size(self, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[int, ...]:
-        size = list(HardAugmentation._box_size(self, shape, rng))
-        plane = rng.choice(len(shape), size=2, replace=False)
-        side = min(size[a] for a in plane)
-        for a in plane:
-            size[a] = side
-        return tuple(size)
+        return _square_in_a_plane(HardAugmentation._box_size(self, shape, rng), rng)
 
     def _corrupt(self, out: np.ndarray, box: Box, rng: np.random.Generator) -> np.ndarray:
         source = _place_box(out.shape, box.size, rng, None)
@@ -325,6 +315,16 @@ def hard_augmentation(name: str, **kwargs: object) -> HardAugmentation:
     if name not in LOCAL_ANOMALIES:
         raise ValueError(f"unknown hard augmentation {name!r}; known: {', '.join(LOCAL_ANOMALIES)}")
     return LOCAL_ANOMALIES[name](**kwargs)  # type: ignore[arg-type]
+
+
+def _square_in_a_plane(size: Sequence[int], rng: np.random.Generator) -> tuple[int, ...]:
+    """``size`` with the sides of one random plane set to their minimum, so the box can turn in that plane."""
+    size = list(size)
+    plane = rng.choice(len(size), size=2, replace=False)
+    side = min(size[a] for a in plane)
+    for a in plane:
+        size[a] = side
+    return tuple(size)
 
 
 def _place_box(
