@@ -94,16 +94,11 @@ def leaking_types(method: AnomalyMethod, dataset: str) -> list[str]:
 
 
 def digit_data(seed: int, n_train: int, n_test: int, size: int = 96) -> dict[str, np.ndarray]:
-    from medood.platform.data.synthetic import DIGIT_ANOMALIES, digit_anatomy, digit_pools
+    from benchmarks.squid_experiment import make_data
 
-    train_pool, test_pool = digit_pools()
-    rng = np.random.default_rng([seed, 0])
-    train = np.stack([digit_anatomy(size, train_pool, rng)[0] for _ in range(n_train)])
-    kinds = ["normal"] * (n_test // 2) + [DIGIT_ANOMALIES[i % len(DIGIT_ANOMALIES)] for i in range(n_test - n_test // 2)]
-    rng = np.random.default_rng([seed, 1])
-    test = np.stack([digit_anatomy(size, test_pool, rng, kind)[0] for kind in kinds])
-    kinds = np.array(kinds)
-    return {"train": train[:, None].astype(np.float32), "test": test[:, None].astype(np.float32),
+    data = make_data(seed, n_train, n_test, size)
+    kinds = data["kind"]
+    return {"train": data["train"].astype(np.float32), "test": data["test"].astype(np.float32),
             "labels": (kinds != "normal").astype(int), "kind": kinds, "case": np.arange(len(kinds))}
 
 
