@@ -25,15 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from typer.testing import CliRunner
 
 from medood.platform import jobs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -55,7 +50,7 @@ def test_no_address_starts_a_local_ray_even_with_a_stale_cluster_file(fake_ray_i
 
     # What an earlier `ray start` leaves behind (its processes gone), in this test's own Ray temp dir.
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    stale = f"127.0.0.1:{_free_port()}"
+    stale = f"127.0.0.1:{free_port()}"
     (tmp_path / "ray").mkdir()
     address_file = ray_utils.get_ray_address_file(None)
     assert address_file.startswith(str(tmp_path))
@@ -83,7 +78,7 @@ def test_ray_address_and_option_name_the_cluster(fake_ray_init, monkeypatch):
 
 
 def test_unreachable_cluster_is_a_clear_error_naming_the_address(fake_ray_init):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     with pytest.raises(ConnectionError, match=address):
         jobs.ensure_ray(address)
     assert fake_ray_init == []  # failed before Ray's minutes of retries
@@ -103,7 +98,7 @@ def test_cli_unreachable_address_exits_2_naming_it(monkeypatch, tmp_path, capsys
     from medood.platform import cli
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     # evaluate joins Ray before it reads anything.
     monkeypatch.setattr(
         "sys.argv", ["medood", "evaluate", str(tmp_path / "run"), "--data", str(tmp_path), "--address", address]
@@ -126,7 +121,7 @@ class Node:
 
     def __init__(self, root: Path, env: dict[str, str], *, head_address: str | None = None, num_cpus: int = 1) -> None:
         self.temp_dir = root
-        self.ports = {name: _free_port() for name in (
+        self.ports = {name: free_port() for name in (
             "node-manager-port", "object-manager-port", "runtime-env-agent-port", "dashboard-agent-grpc-port",
             "dashboard-agent-listen-port", "metrics-export-port",
         )}
@@ -135,9 +130,9 @@ class Node:
                 "--temp-dir", str(root), "--min-worker-port", str(low), "--max-worker-port", str(low + 19)]
         args += [f"--{name}={port}" for name, port in self.ports.items()]
         if head_address is None:
-            self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
             args += ["--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"]
+                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
         else:
             args += ["--address", head_address]
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
@@ -176,7 +171,7 @@ class Node:
 
 def _free_port_range(n: int) -> int:
     while True:
-        low = _free_port()
+        low = free_port()
         if low + n < 65000 and all(_port_free(low + i) for i in range(n)):
             return low
 

@@ -12,12 +12,11 @@ computation as two of B; with batch statistics that needs ``sync_batchnorm`` (GP
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
@@ -75,18 +74,12 @@ def _worker(rank: int, name: str, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["autoencoder", "squid"])
 def test_two_workers_with_b_each_step_like_one_worker_with_2b(name):
     torch.set_num_threads(1)
     manager = mp.Manager()
     out = manager.dict()
-    mp.start_processes(_worker, args=(name, _free_port(), out), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(name, free_port(), out), nprocs=2, join=True, start_method="fork")
     start = {k: v.detach().clone() for k, v in _model(name, seed=0).named_parameters()}
     expected = _step(_model(name, seed=0), _batch(name, slice(0, 2 * B)))
     for rank in (0, 1):

@@ -7,13 +7,12 @@ Ray Train with two CPU workers on shards ingested with known anomalies in train.
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 from medood import methods
 from medood.methods.self_taught import kmeans_centers, snap_centers
@@ -54,17 +53,11 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_get_identical_centres_from_all_data_and_prune_on_summed_counts():
     manager = mp.Manager()
     out = manager.dict()
     # fork: the children inherit the imports (spawn would import torch twice more).
-    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="fork")
     torch.testing.assert_close(out[0]["centers"], out[1]["centers"], rtol=0, atol=0)
 
     # The same centres as one process fitting on both ranks' non-abnormal images.
