@@ -8,6 +8,7 @@ cluster that does not answer fails at once with an error naming the address.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import secrets
@@ -324,6 +325,160 @@ def test_train_two_workers_one_per_node(cluster, shards):
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     workers = [a for a in cluster.actors("RayTrainWorker") if a.get("job_id") and a["state"] in ("ALIVE", "DEAD")]
     assert len({a["node_id"] for a in workers}) == 2, workers
+
+
+def _trial_span(trial: Path) -> tuple[float, float]:
+    """(start, end) wall time of a Tune trial from its ``result.json`` (one line per reported epoch)."""
+    rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+    return rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]
+
+
+@pytest.fixture(scope="module")
+def sweep(cluster, shards):
+    """``medood tune`` of a 2-setting ablation as a job: both trials at once (2 CPUs each, one per node)."""
+    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
+    out = shards["out"] / "sweep"
+    status, logs = cluster.run_job([
+        "tune", "--method", "autoencoder", "--data", str(shards["shards"]), "--ablation", "residual_units",
+        "--preset", "tiny", "--scheduler", "fifo", "--set", "epochs=2", "--set", "image_size=32",
+        "--set", "batch_size=8", "--max-concurrent", "2", "--no-wandb", "--out", str(out),
+    ], timeout_s=420)
+    evaluated = ("NOT RUN", "")
+    if status == "SUCCEEDED":  # `medood evaluate` of the sweep's best.json, as a job too
+        evaluated = cluster.run_job([
+            "evaluate", str(out / "best.json"), "--data", str(shards["shards"]), "--out", str(out / "eval"),
+            "--bootstrap", "50",
+        ])
+    return {"out": out, "status": status, "logs": logs, "evaluated": evaluated}
+
+
+@pytest.mark.cluster
+def test_sweep_runs_two_trials_at_once_and_evaluate_reads_its_best(cluster, shards, sweep):
+    assert sweep["status"] == "SUCCEEDED", sweep["logs"][-3000:]
+    out = sweep["out"]
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",complete," in r for r in rows[1:]), rows
+    spans = [_trial_span(t) for t in sorted(p for p in out.iterdir() if (p / "result.json").is_file())]
+    assert len(spans) == 2
+    (start_a, end_a), (start_b, end_b) = spans
+    assert start_a < end_b and start_b < end_a, f"the two trials did not overlap: {spans}"
+    assert Path(json.loads((out / "best.json").read_text())["checkpoint"]).is_dir()
+    status, logs = sweep["evaluated"]
+    assert status == "SUCCEEDED", logs[-3000:]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["sample"]["auroc"] <= 1.0
+
+
+@pytest.mark.cluster
+def test_serve_deploy_on_the_cluster_answers_as_locally(cluster, shards, sweep, tmp_path):
+    """`serve deploy` of a config like medood/platform/serve_config.yaml against the head, with the
+    token, serving the sweep's best checkpoint; a scan gets the score `medood evaluate` gives it."""
+    import yaml
+
+    assert sweep["status"] == "SUCCEEDED", sweep["logs"][-3000:]
+    api_token = secrets.token_hex(8)
+    port = free_port()
+    config = yaml.safe_load((REPO / "medood" / "platform" / "serve_config.yaml").read_text())
+    index, model = config["applications"][0], config["applications"][1]
+    index["args"]["models"] = {"digits": model["name"]}
+    model["args"].update(checkpoints=[], best=[str(sweep["out"])], cpus_per_replica=0.5)
+    # Both nodes share this machine's ports: one proxy, on the head.
+    config.update(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
+                  applications=[
+                      {**app, "runtime_env": {"env_vars": {"MEDOOD_API_TOKEN": api_token}}} for app in (index, model)
+                  ])
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    done = subprocess.run([serve_cli, "deploy", str(path), "--address", cluster.dashboard], env=cluster.env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        ready = False
+        while not ready and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as answer:
+                    ready = answer.status == 200
+            except urllib.error.HTTPError as error:  # 401: up, and asking for the token
+                ready = error.code == 401
+                time.sleep(0 if ready else 2)
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(2)
+        assert ready, "the deployed applications never answered"
+        # A test scan and the calibrated score `medood evaluate` gave it (scores.csv).
+        assert sweep["evaluated"][0] == "SUCCEEDED", sweep["evaluated"][1][-3000:]
+        with open(sweep["out"] / "eval" / "scores.csv") as f:
+            first = next(csv.DictReader(f))
+        scan = shards["out"] / "raw" / first["id"]
+
+        def score(headers: dict[str, str]) -> dict:
+            request = urllib.request.Request(f"{url}/v1/models/digits/score", data=scan.read_bytes(),
+                                             headers={"Content-Type": "image/png", **headers}, method="POST")
+            for _ in range(60):  # the model's replica may still be starting behind the proxy
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as answer:
+                        return json.loads(answer.read())
+                except urllib.error.HTTPError as error:
+                    if error.code not in (404, 503):
+                        raise
+                    time.sleep(2)
+            raise AssertionError("the model never answered")
+
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            score({})
+        assert refused.value.code == 401
+        answer = score({"Authorization": f"Bearer {api_token}"})
+        assert answer["score"] == pytest.approx(float(first["score"]), abs=1e-5), (answer, first)
+        assert answer["anomalous"] == (first["predicted_abnormal"] == "1")
+    finally:
+        subprocess.run([serve_cli, "shutdown", "-y", "--address", cluster.dashboard], env=cluster.env,
+                       capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.cluster
+def test_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(cluster, shards):
+    """Stop the sweep's job (its driver killed) once one trial has finished and the next has a
+    checkpoint; `medood tune --resume` as a new job keeps the finished trial and continues the other."""
+    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
+    out = shards["out"] / "sweep-resumed"
+    job = cluster.submit([
+        "tune", "--method", "autoencoder", "--data", str(shards["shards"]), "--ablation", "residual_units",
+        "--preset", "tiny", "--scheduler", "fifo", "--set", "epochs=3", "--set", "image_size=32",
+        "--set", "batch_size=8", "--max-concurrent", "1", "--no-wandb", "--out", str(out),
+    ])
+
+    def trials() -> list[Path]:
+        return sorted(p for p in out.iterdir() if (p / "run").is_dir()) if out.is_dir() else []
+
+    def finished(trial: Path) -> bool:
+        return (trial / "run" / "run.json").is_file()
+
+    deadline = time.monotonic() + 360
+    while time.monotonic() < deadline:
+        done = [t for t in trials() if finished(t)]
+        going = [t for t in trials() if not finished(t) and any(c.is_dir() for c in (t / "run").glob("checkpoint_*"))]
+        if len(done) == 1 and going:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"no finished + checkpointed pair of trials before the deadline: {trials()}")
+    cluster.client().stop_job(job)
+    status, _ = cluster.wait(job, timeout_s=120)
+    assert status == "STOPPED"
+    (done,) = done
+    done_files = {p: p.stat().st_mtime_ns for p in (done / "run").rglob("*") if p.is_file()}
+
+    status, logs = cluster.run_job(["tune", "--resume", "--out", str(out)], timeout_s=420)
+    assert status == "SUCCEEDED", logs[-3000:]
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",complete," in r for r in rows[1:]), rows
+    assert {p: p.stat().st_mtime_ns for p in (done / "run").rglob("*") if p.is_file()} == done_files
+    (resumed,) = [t for t in trials() if t != done]
+    history = json.loads((resumed / "run" / "run.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert max(h["resumed_from_epoch"] for h in history) >= 1  # it went on from its own checkpoint
 
 
 @pytest.mark.cluster
