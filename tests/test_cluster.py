@@ -455,10 +455,18 @@ def test_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(
     def finished(trial: Path) -> bool:
         return (trial / "run" / "run.json").is_file()
 
+    def registered(trial: Path) -> bool:
+        """Ray Train has registered a checkpoint of the trial's run (a folder alone may be half written)."""
+        try:
+            snapshot = json.loads((trial / "run" / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(snapshot.get("checkpoint_results"))
+
     deadline = time.monotonic() + 360
     while time.monotonic() < deadline:
         done = [t for t in trials() if finished(t)]
-        going = [t for t in trials() if not finished(t) and any(c.is_dir() for c in (t / "run").glob("checkpoint_*"))]
+        going = [t for t in trials() if not finished(t) and registered(t)]
         if len(done) == 1 and going:
             break
         time.sleep(0.5)

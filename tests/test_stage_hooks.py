@@ -89,13 +89,19 @@ def test_self_taught_trains_with_two_workers_on_known_anomalies(tmp_path):
         result = train(
             TrainOptions(
                 method="self_taught", data=str(tmp_path / "shards"), out=str(tmp_path / "run"), preset="tiny",
-                overrides={**SMALL, "pretext_epochs": 0}, workers=2, cpus_per_worker=0.5, wandb=False, progress=False,
+                overrides=SMALL, workers=2, cpus_per_worker=0.5, wandb=False, progress=False,
+                # A metric on which the pretext stage wins (its InfoNCE loss is far above the sphere
+                # loss): the best checkpoint must still come from the last stage, the method trained.
+                metric="val_loss", mode="max",
             )
         )
     finally:
         ray.shutdown()
-    assert [h["stage"] for h in result.history] == ["ad"]  # pretext_epochs=0 drops the pretext stage
-    ad = result.history[-1]
+    assert [h["stage"] for h in result.history] == ["pretext", "ad"]
+    pretext, ad = result.history
+    assert pretext["val_loss"] > ad["val_loss"]
+    assert result.best_metrics["stage"] == "ad" and result.best_metrics["epoch"] == ad["epoch"]
+    assert ckpt.load(result.best_checkpoint).method.centers_ready
     assert 0 < ad["train_labelled_fraction"] < 0.5  # known anomalies, counted over both workers
     assert np.isfinite(ad["train_loss"]) and "val_auroc" in ad
     model = ckpt.load(result.path).method

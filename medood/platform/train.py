@@ -152,6 +152,8 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         "cpus_per_worker": float(options.cpus_per_worker),
         "shuffle_buffer": int(options.shuffle_buffer),
         "threshold_rule": options.threshold_rule,
+        "metric": metric,
+        "mode": mode,
         "sync_batchnorm": bool(options.sync_batchnorm),
         "run_name": out.name,
         "wandb": _wandb_settings(options, out, config),
@@ -172,7 +174,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
             name=out.name,
             storage_path=str(out.parent),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=options.num_to_keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+                num_to_keep=options.num_to_keep, checkpoint_score_attribute=CHECKPOINT_SCORE, checkpoint_score_order=mode
             ),
             failure_config=FailureConfig(max_failures=options.max_failures),
             callbacks=callbacks or None,
@@ -238,6 +240,10 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
             stage=metrics["stage"] if total_epochs else None, threshold_rule=loop["threshold_rule"],
         )
         metrics.update(val_metrics)
+        if loop["metric"] in metrics:
+            metrics[CHECKPOINT_SCORE] = checkpoint_score(
+                metrics[loop["metric"]], loop["mode"], final=not stages or metrics["stage_index"] == len(stages) - 1
+            )
         history.append(metrics)
         state["history"] = json.dumps(history)
         with tempfile.TemporaryDirectory() as tmp:
@@ -768,6 +774,18 @@ class _Tracker:
             self.run = None
 
 
+# What Ray Train ranks checkpoints by: the run's metric in the method's last stage, and the worst value
+# in an earlier stage (a pretext or MAE-only model is not the method the user trains, whatever its
+# val AUROC), so the best checkpoint and the ones kept are always from the last stage when it has one.
+CHECKPOINT_SCORE = "checkpoint_score"
+
+
+def checkpoint_score(value: float, mode: str, *, final: bool) -> float:
+    if final:
+        return float(value)
+    return -1e30 if mode == "max" else 1e30
+
+
 def _write_run_file(
     out: Path, options: TrainOptions, config: Any, spec: InputSpec, result: Any, metric: str, mode: str
 ) -> RunResult:
@@ -775,9 +793,9 @@ def _write_run_file(
         raise result.error
     best = None
     best_metrics: dict[str, Any] = {}
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if metric in m]
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if CHECKPOINT_SCORE in m]
     if ranked:
-        best, best_metrics = (max if mode == "max" else min)(ranked, key=lambda cm: cm[1][metric])
+        best, best_metrics = (max if mode == "max" else min)(ranked, key=lambda cm: cm[1][CHECKPOINT_SCORE])
     latest = result.checkpoint
     if best is None and latest is not None:
         best, best_metrics = latest, dict(result.metrics or {})
