@@ -278,6 +278,8 @@ def test_sweep_interrupted_then_resumed_keeps_finished_trials(ray_local, digits,
     resumed = CliRunner().invoke(app, ["tune", "--resume", "--out", str(out)])
     assert resumed.exit_code == 0, resumed.output
     assert "Ablation `residual_units`" in resumed.output
+    # One line per trial epoch, no Tune status box or table.
+    assert "Configuration for experiment" not in resumed.output and "Trial status" not in resumed.output
 
     rows = (out / RESULTS_CSV).read_text().splitlines()
     assert len(rows) == 3 and all(",complete," in r for r in rows[1:])

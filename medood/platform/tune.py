@@ -37,6 +37,7 @@ folder is the same). The sweep's settings come back from ``sweep.json``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -141,12 +142,29 @@ def sweep(options: SweepOptions) -> SweepResult:
     reaper = PlacementGroupReaper.for_plan(plan)
     reaper.start()
     try:
-        tuner.fit()  # Ctrl+C: Tune saves the experiment state and returns; trials left over are PENDING
+        with _legacy_tune_output():
+            tuner.fit()  # Ctrl+C: Tune saves the experiment state and returns; trials left over are PENDING
     finally:
         reaper.stop(final=True)
     trials = collect_trials(out, plan)
     interrupted = any(t["tune_status"] not in ("TERMINATED", "ERROR") for t in trials)
     return write_results(out, plan, trials, interrupted=interrupted)
+
+
+@contextlib.contextmanager
+def _legacy_tune_output() -> Any:
+    """Tune's legacy reporter for this fit: with ``verbose=0`` it prints nothing, where the new output
+    engine (``RAY_AIR_NEW_OUTPUT``, on by default) still prints its "Configuration for experiment" box.
+    The sweep's progress is ``_trial_progress``'s one line per trial epoch."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def make_plan(options: SweepOptions, out: Path) -> dict[str, Any]:
