@@ -22,15 +22,35 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import requests
-from typer.testing import CliRunner
-
 from ports import free_port
+from typer.testing import CliRunner
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
 ACCESS_KEY = "medoodtestkey"
 SECRET_KEY = "medood-s3-secret-Zq7xW2"  # must appear in no output, object or log
 BUCKET = "medood-test"
+
+
+def test_uris_with_credentials_are_refused_without_echoing_them():
+    from medood.platform import storage
+
+    for uri in (f"s3://{ACCESS_KEY}:{SECRET_KEY}@bucket/shards", f"s3://bucket/shards?secret_key={SECRET_KEY}"):
+        with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY") as error:
+            storage.location(uri)
+        assert SECRET_KEY not in str(error.value)
+
+
+def test_local_paths_stay_local_paths(tmp_path):
+    from medood.platform import storage
+
+    where = storage.location(tmp_path / "a" / ".." / "b")
+    assert where.is_local and where.uri == str(tmp_path / "b") and where.ray_filesystem is None
+    (where / "x.json").write_text("{}")
+    assert where.listdir("*.json") == ["x.json"] and (where / "x.json").read_text() == "{}"
+    assert not list(where.local_path().glob(".*.tmp"))  # written under a temporary name, then renamed
+    assert storage.location(f"s3://{BUCKET}/runs/ae/").uri == f"s3://{BUCKET}/runs/ae"
+    assert storage.location(f"s3://{BUCKET}/runs/ae").parent.uri == f"s3://{BUCKET}/runs"
 
 
 def _weed() -> str:
@@ -139,6 +159,9 @@ def pipeline(s3_server, ray_local, tmp_path_factory):
             result = runner.invoke(cli.app, args, catch_exceptions=False)
             outputs.append(result.output)
             assert result.exit_code == 0, result.output
+        info = runner.invoke(cli.app, ["data", "info", f"s3://{BUCKET}/shards", "--json"], catch_exceptions=False)
+        outputs.append(info.output)
+        assert info.exit_code == 0, info.output
         from medood.platform import storage
 
         run = json.loads(storage.location(f"s3://{BUCKET}/runs/ae/run.json").read_text())
@@ -156,7 +179,7 @@ def pipeline(s3_server, ray_local, tmp_path_factory):
         assert result.exit_code == 0, result.output
     finally:
         os.chdir(cwd)
-    return {"root": root, "run": run, "outputs": outputs}
+    return {"root": root, "run": run, "outputs": outputs, "info": json.loads(info.output)}
 
 
 def _bucket_files() -> dict[str, int]:
@@ -168,6 +191,8 @@ def _bucket_files() -> dict[str, int]:
 def test_artefacts_land_in_the_bucket(pipeline):
     files = _bucket_files()
     assert "shards/manifest.json" in files and "shards/part-00000.parquet" in files
+    info = pipeline["info"]  # `medood data info s3://...`: the manifest, and every listed shard found
+    assert info["path"] == f"s3://{BUCKET}/shards" and info["rows"] == 48 and info["missing_shards"] == []
     assert not any(name.startswith("shards/.") for name in files)  # no temporary shard left behind
     assert "runs/ae/run.json" in files
     assert any(n.startswith("runs/ae/checkpoint_") and n.endswith("/model.pt") for n in files)

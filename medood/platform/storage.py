@@ -56,6 +56,14 @@ def location(path: str | os.PathLike[str] | Location) -> Location:
         return Location(pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()), "")
     scheme, _, rest = text.partition("://")
     scheme = scheme.lower()
+    authority = rest.split("/", 1)[0]
+    if "@" in authority or "?" in rest:
+        # pyarrow would take keys from ``s3://KEY:SECRET@bucket`` or ``?secret_key=``; they would then be
+        # written into run.json, reports and logs with the path. The URI is not echoed for that reason.
+        raise ValueError(
+            f"a {scheme}:// location may not carry credentials or options (no '@' or '?'); set "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and AWS_ENDPOINT_URL instead"
+        )
     if scheme == "file":
         return location(rest)
     if scheme == "s3":
@@ -133,7 +141,7 @@ class Location:
         selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
         try:
             infos = self.filesystem.get_file_info(selector)
-        except (NotADirectoryError, FileNotFoundError):
+        except NotADirectoryError:  # a file, not a folder
             return []
         names = {posixpath.basename(i.path.rstrip("/")) for i in infos}
         return sorted(n for n in names if n and fnmatch(n, pattern))
