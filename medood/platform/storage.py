@@ -36,7 +36,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-__all__ = ["Location", "is_uri", "location", "staged_folder"]
+__all__ = ["Location", "is_uri", "location", "scratch_folder", "staged_folder"]
 
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 
