@@ -182,14 +182,15 @@ def pipeline(s3_server, ray_local, tmp_path_factory):
     return {"root": root, "run": run, "outputs": outputs, "info": json.loads(info.output)}
 
 
-def _bucket_files() -> dict[str, int]:
-    s3, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}")  # an independent listing, straight from pyarrow
+def _bucket_files(server: dict) -> dict[str, int]:
+    """Every object in the bucket and its size, listed by pyarrow itself (not through medood)."""
+    s3 = pafs.S3FileSystem(endpoint_override=server["endpoint"], region="us-east-1")
     infos = s3.get_file_info(pafs.FileSelector(BUCKET, recursive=True))
     return {i.path.removeprefix(f"{BUCKET}/"): i.size for i in infos if i.type == pafs.FileType.File}
 
 
-def test_artefacts_land_in_the_bucket(pipeline):
-    files = _bucket_files()
+def test_artefacts_land_in_the_bucket(s3_server, pipeline):
+    files = _bucket_files(s3_server)
     assert "shards/manifest.json" in files and "shards/part-00000.parquet" in files
     info = pipeline["info"]  # `medood data info s3://...`: the manifest, and every listed shard found
     assert info["path"] == f"s3://{BUCKET}/shards" and info["rows"] == 48 and info["missing_shards"] == []
@@ -225,7 +226,7 @@ def test_serving_loads_from_object_storage(pipeline):
     assert ckpt.resolve(f"s3://{BUCKET}/runs/ae") == pipeline["run"]["checkpoint"] + "/model.pt"
 
 
-def test_the_secret_is_nowhere(pipeline):
+def test_the_secret_is_nowhere(s3_server, pipeline):
     import ray
 
     from medood.platform import storage
@@ -235,7 +236,7 @@ def test_the_secret_is_nowhere(pipeline):
     for output in pipeline["outputs"]:
         assert SECRET_KEY not in output
     s3 = storage.location(f"s3://{BUCKET}").filesystem
-    for name in _bucket_files():
+    for name in _bucket_files(s3_server):
         with s3.open_input_stream(f"{BUCKET}/{name}") as stream:
             assert secret not in stream.read(), name
     # What Ray ships to its Train workers and read tasks: credentials come from each process's env.
