@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def s3_server(tmp_path_factory):
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
             log.close()
+            for port in ports.values():  # the gRPC unix sockets weed leaves when it is killed
+                for socket_file in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                    socket_file.unlink(missing_ok=True)
 
 
 def _create_bucket(endpoint: str, server: subprocess.Popen, log: Path) -> None:
