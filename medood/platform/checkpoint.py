@@ -13,11 +13,13 @@ state dict; see ``medood.methods.base``) plus what the platform needs to score w
 Everything is plain tensors / numbers / strings, so ``torch.load(weights_only=True)`` reads it.
 
 ``load(path)`` accepts a checkpoint folder, a ``model.pt``, a run folder (its best checkpoint, from
-``run.json``) or a sweep's ``best.json``.
+``run.json``) or a sweep's ``best.json``, each a local path or on object storage (``s3://...``, see
+``medood.platform.storage``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -31,6 +33,7 @@ import torch
 
 from medood.methods.base import AnomalyMethod
 from medood.platform.data.stream import InputSpec
+from medood.platform.storage import Location, is_uri, location
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "run.json"
@@ -109,36 +112,45 @@ def save(
     return directory / MODEL_FILE
 
 
-def read_payload(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict (weights only) at a resolved ``model.pt`` path."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_payload(path: str | Path | Location) -> dict[str, Any]:
+    """The raw checkpoint dict (weights only) at a resolved ``model.pt`` path or URI."""
+    where = location(path)
+    if where.is_local:
+        return torch.load(where.path, map_location="cpu", weights_only=True)
+    return torch.load(io.BytesIO(where.read_bytes()), map_location="cpu", weights_only=True)
 
 
-def resolve(path: str | Path) -> Path:
-    """A user's model reference -> the ``model.pt`` it means."""
-    path = Path(path)
+def resolve(path: str | Path | Location) -> Path | str:
+    """A user's model reference -> the ``model.pt`` it means: a local ``Path``, or a URI on object storage."""
+    model_file = _resolve(location(path))
+    return model_file.local_path() if model_file.is_local else model_file.uri
+
+
+def _resolve(path: Location) -> Location:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint, run folder or best.json")
-    if path.is_file() and path.suffix == ".json":
+    if path.is_file() and path.name.endswith(".json"):
         info = json.loads(path.read_text())
         if "checkpoint" not in info:
             raise ValueError(f"{path}: expected a 'checkpoint' entry (a sweep's best.json or a run's run.json)")
-        target = Path(info["checkpoint"])
-        return resolve(target if target.is_absolute() else path.parent / target)
+        target = str(info["checkpoint"])
+        if is_uri(target) or (path.is_local and Path(target).is_absolute()):
+            return _resolve(location(target))
+        return _resolve(path.parent / target)  # relative to the json's folder, wherever that is
     if path.is_file():
         return path
     if (path / MODEL_FILE).is_file():
         return path / MODEL_FILE
     for name in (RUN_FILE, BEST_FILE):
         if (path / name).is_file():
-            return resolve(path / name)
+            return _resolve(path / name)
     raise FileNotFoundError(
         f"{path}: not a checkpoint (no {MODEL_FILE}), a run folder (no {RUN_FILE}) or a sweep folder (no {BEST_FILE})"
     )
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    model_file = resolve(path)
+    model_file = _resolve(location(path))
     payload = read_payload(model_file)
     method = AnomalyMethod.from_checkpoint(payload).to(device)
     spec_values = dict(payload.get("input_spec") or {})
@@ -150,7 +162,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
         calibration=Calibration(**payload.get("calibration", {})),
         input_spec=spec,
         metrics=dict(payload.get("metrics", {})),
-        path=str(model_file),
+        path=model_file.uri,
     )
 
 

@@ -79,7 +79,7 @@ def _data_options(items: list[str] | None) -> dict[str, Any]:
 @with_address
 def train_command(
     method: str = typer.Option(..., "--method", "-m", help="Registered method name (see `medood methods`)."),
-    data: Path = typer.Option(..., "--data", "-d", help="Shard folder written by `medood ingest`."),
+    data: str = typer.Option(..., "--data", "-d", help="Shard folder (or s3://bucket/prefix) written by `medood ingest`."),
     preset: str = typer.Option("paper", help="Config preset: paper (the paper's values) or tiny (CPU)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a config field: key=value (repeatable)."),
     data_option: list[str] = typer.Option(
@@ -90,7 +90,9 @@ def train_command(
     gpus_per_worker: float = typer.Option(0.0, help="GPUs per worker; > 0 trains on GPU with bf16 autocast."),
     metric: str = typer.Option("val_auroc", help="Checkpoint metric (val_auroc, val_ap, val_loss)."),
     mode: str = typer.Option("max", help="max or min."),
-    out: Path = typer.Option(None, help="Run folder (default runs/<method>); an existing run resumes."),
+    out: str = typer.Option(
+        None, help="Run folder or s3://bucket/prefix (default runs/<method>); an existing run resumes."
+    ),
     max_failures: int = typer.Option(1, help="Worker restarts from the latest checkpoint."),
     no_wandb: bool = typer.Option(False, "--no-wandb", help="Turn Weights & Biases logging off."),
     threshold_rule: str = typer.Option(
@@ -138,23 +140,26 @@ def train_command(
 @app.command("evaluate")
 @with_address
 def evaluate_command(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint folder, a run folder, or a sweep's best.json."),
-    data: Path = typer.Option(..., "--data", "-d", help="Shard folder."),
+    checkpoint: str = typer.Argument(
+        ..., help="A checkpoint folder, a run folder, or a sweep's best.json (local or s3://...)."
+    ),
+    data: str = typer.Option(..., "--data", "-d", help="Shard folder (or s3://bucket/prefix)."),
     split: str = typer.Option("test", help="Split to evaluate (train, val, test)."),
-    out: Path = typer.Option(Path("runs/eval"), help="Folder for report.md, metrics.json and plots."),
-    mood: Path = typer.Option(None, "--mood", help="Also write the MOOD submission layout here."),
+    out: str = typer.Option("runs/eval", help="Folder (or s3://bucket/prefix) for report.md, metrics.json and plots."),
+    mood: str = typer.Option(None, "--mood", help="Also write the MOOD submission layout here (local or s3://...)."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95% intervals."),
     threshold_rule: str = typer.Option(
         None, help="Re-choose the threshold on the val split by this rule (youden, specificity, f1); default: the checkpoint's."
     ),
 ) -> None:
     """Evaluate a checkpoint: sample and pixel metrics, MOOD submission, report with plots."""
+    from medood.platform import storage
     from medood.platform.evaluate import evaluate
 
     results = evaluate(
         checkpoint, data, split=split, out=out, mood_dir=mood, n_bootstrap=bootstrap, threshold_rule=threshold_rule
     )
-    console.print(f"[green]report[/green] {out / 'report.md'}")
+    console.print(f"[green]report[/green] {storage.location(out) / 'report.md'}")
     _print_metrics({f"sample_{k}": v for k, v in results["sample"].items() if isinstance(v, float)})
 
 

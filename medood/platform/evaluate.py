@@ -34,6 +34,7 @@ import torch
 
 from medood.platform import checkpoint as ckpt
 from medood.platform import metrics as M
+from medood.platform import storage
 from medood.platform.data.stream import read_cases, read_manifest, read_split, to_torch_batch
 
 _SLICE_ID = re.compile(r"^(?P<case>.*)#(?P<axis>\d):(?P<index>\d+)$")
@@ -107,12 +108,16 @@ def evaluate(
     batch_size: int = 16,
     threshold_rule: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint / run / best.json on a split; writes report.md, metrics.json and plots."""
+    """Evaluate a checkpoint / run / best.json on a split; writes report.md, metrics.json and plots.
+
+    ``model_ref``, ``data``, ``out`` and ``mood_dir`` may each be a local path or an ``s3://`` URI; the
+    files for ``out`` and ``mood_dir`` are written locally first and uploaded at the end (see ``storage``).
+    """
     from medood.platform.jobs import ensure_ray
 
     ensure_ray()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out_location = storage.location(out)
+    mood_location = None if mood_dir is None else storage.location(mood_dir)
     model = ckpt.load(model_ref)
     threshold, threshold_source = model.calibration.threshold, f"checkpoint: {model.calibration.threshold_rule}"
     if threshold_rule is not None:
@@ -147,13 +152,16 @@ def evaluate(
     per_type = per_type_metrics(case_ids, case_labels, case_scores, types, volumes, cases)
     if per_type:
         results["per_type"] = per_type
-    write_scores_csv(out / "scores.csv", case_ids, case_labels, case_scores, types, threshold)
-    if mood_dir is not None:
+    if mood_location is not None:
         samples = dict(zip(case_ids, case_scores.tolist()))
-        results["mood_dir"] = str(write_mood(volumes, samples, cases, Path(mood_dir)))
-    results["plots"] = write_plots(scored, labels, scores, out, n_overlays=n_overlays)
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_json_default))
-    (out / "report.md").write_text(render_report(results, model))
+        with storage.staged_folder(mood_location) as staged:
+            write_mood(volumes, samples, cases, staged)
+        results["mood_dir"] = mood_location.uri
+    with storage.staged_folder(out_location) as staged:
+        write_scores_csv(staged / "scores.csv", case_ids, case_labels, case_scores, types, threshold)
+        results["plots"] = write_plots(scored, labels, scores, staged, n_overlays=n_overlays)
+        (staged / "metrics.json").write_text(json.dumps(results, indent=2, default=_json_default))
+        (staged / "report.md").write_text(render_report(results, model))
     return results
 
 

@@ -72,7 +72,6 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -257,10 +256,11 @@ class ServeOptions:
     def references(self) -> list[str]:
         """Every model reference in serving order: checkpoints, then each sweep's best.json."""
         from medood.platform.checkpoint import BEST_FILE
+        from medood.platform.storage import location
 
         refs = list(self.checkpoints)
         for sweep in self.best:
-            path = Path(sweep)
+            path = location(sweep)  # a local folder or s3://bucket/prefix
             best = path if path.is_file() else path / BEST_FILE
             if not best.is_file():
                 raise FileNotFoundError(
@@ -300,7 +300,7 @@ def resolve_models(options: ServeOptions) -> list[ModelEntry]:
     loaded = []
     for ref in options.references():
         model = ckpt.load(ref)
-        loaded.append((str(Path(model.path).resolve()), model))
+        loaded.append((model.path, model))  # an absolute path (symlinks resolved) or a URI
     explicit = list(options.names)
     seen: dict[str, int] = {}
     for position, name in enumerate(explicit):
@@ -449,14 +449,14 @@ def resolve_gpus(value: float | str) -> float:
 
 
 def serve_command(
-    checkpoint: list[Path] = typer.Option(
+    checkpoint: list[str] = typer.Option(
         None,
         "--checkpoint",
         "-c",
-        help="A checkpoint folder, model.pt, run folder or best.json (repeatable).",
+        help="A checkpoint folder, model.pt, run folder or best.json, local or s3://... (repeatable).",
     ),
-    best: list[Path] = typer.Option(
-        None, "--best", help="A sweep folder; serves the checkpoint its best.json names (repeatable)."
+    best: list[str] = typer.Option(
+        None, "--best", help="A sweep folder (local or s3://...); serves the checkpoint its best.json names (repeatable)."
     ),
     host: str = typer.Option(DEFAULT_HOST, help="Address to bind; 0.0.0.0 exposes the API to the network."),
     port: int = typer.Option(DEFAULT_PORT, help="HTTP port."),

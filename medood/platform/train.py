@@ -61,6 +61,7 @@ import torch
 from medood import methods
 from medood.platform import checkpoint as ckpt
 from medood.platform import metrics as M
+from medood.platform import storage
 from medood.platform.data.stream import InputSpec, read_manifest, to_torch_batch, training_datasets
 
 LABEL_FREE_METRICS = ("val_loss", "val_sensitivity")
@@ -127,8 +128,8 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     manifest = read_manifest(options.data)
     metric, mode = _effective_metric(options, manifest)
 
-    out = Path(options.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.location(options.out)  # a local folder or s3://bucket/prefix
+    out.makedirs()
     seed = int(config.seed)
     if not ray.is_initialized():
         from medood.platform.jobs import ensure_ray
@@ -172,7 +173,8 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         ),
         run_config=RunConfig(
             name=out.name,
-            storage_path=str(out.parent),
+            storage_path=out.parent.path,
+            storage_filesystem=out.ray_filesystem,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=options.num_to_keep, checkpoint_score_attribute=CHECKPOINT_SCORE, checkpoint_score_order=mode
             ),
@@ -665,14 +667,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _wandb_settings(options: TrainOptions, out: Path, config: Any) -> dict[str, Any] | None:
+def _wandb_settings(options: TrainOptions, out: storage.Location, config: Any) -> dict[str, Any] | None:
     if not options.wandb:
         return None
     return {
         "project": options.wandb_project,
         "group": options.wandb_group,
         "name": out.name,
-        "dir": str(out),
+        "dir": str(storage.scratch_folder(out)),
         "config": {"method": options.method, "preset": options.preset, **asdict(config)},
     }
 
@@ -787,7 +789,7 @@ def checkpoint_score(value: float, mode: str, *, final: bool) -> float:
 
 
 def _write_run_file(
-    out: Path, options: TrainOptions, config: Any, spec: InputSpec, result: Any, metric: str, mode: str
+    out: storage.Location, options: TrainOptions, config: Any, spec: InputSpec, result: Any, metric: str, mode: str
 ) -> RunResult:
     if result.error:
         raise result.error
@@ -804,10 +806,10 @@ def _write_run_file(
         with latest.as_directory() as directory:
             payload = ckpt.read_payload(Path(directory) / ckpt.MODEL_FILE)
         history = json.loads(payload.get("training_state", {}).get("history", "[]"))
-    run = RunResult(
-        path=str(out),
-        best_checkpoint=None if best is None else best.path,
-        latest_checkpoint=None if latest is None else latest.path,
+    run = RunResult(  # checkpoint paths as users name them: local paths, or URIs on object storage
+        path=out.uri,
+        best_checkpoint=None if best is None else out.at(best.path).uri,
+        latest_checkpoint=None if latest is None else out.at(latest.path).uri,
         metric=metric,
         mode=mode,
         best_metrics=_plain(best_metrics),
@@ -817,14 +819,12 @@ def _write_run_file(
         "method": options.method,
         "preset": options.preset,
         "config": asdict(config),
-        "data": str(Path(options.data).resolve()),
+        "data": storage.location(options.data).uri,
         "input_spec": spec.to_dict(),
         "checkpoint": run.best_checkpoint,
         **{k: v for k, v in run.to_dict().items() if k != "path"},
     }
-    tmp = out / (ckpt.RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, out / ckpt.RUN_FILE)
+    (out / ckpt.RUN_FILE).write_text(json.dumps(info, indent=2, default=str))
     return run
 
 

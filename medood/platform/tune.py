@@ -56,6 +56,7 @@ import typer
 from medood import methods
 from medood import search_spaces as spaces
 from medood.platform import checkpoint as ckpt
+from medood.platform import storage
 
 SCHEDULERS = ("asha", "fifo")
 SWEEP_FILE = "sweep.json"
@@ -122,21 +123,27 @@ def sweep(options: SweepOptions) -> SweepResult:
 
     from medood.platform.jobs import ensure_ray
 
-    out = Path(options.out or options.default_out()).resolve()
+    out = storage.location(options.out or options.default_out())  # a local folder or s3://bucket/prefix
+
+    def can_restore() -> bool:
+        return tune.Tuner.can_restore(out.path, storage_filesystem=out.ray_filesystem)
+
     if options.resume:
-        if not (out / SWEEP_FILE).is_file() or not tune.Tuner.can_restore(str(out)):
+        if not (out / SWEEP_FILE).is_file() or not can_restore():
             raise FileNotFoundError(f"{out}: no interrupted sweep to resume (no {SWEEP_FILE} / Tune experiment state)")
         plan = json.loads((out / SWEEP_FILE).read_text())
-        plan["path"] = str(out)  # the folder may have moved since
+        plan["path"] = out.uri  # the folder may have moved since
         ensure_ray()
-        tuner = tune.Tuner.restore(str(out), trainable=_trainable(plan), resume_errored=True)
+        tuner = tune.Tuner.restore(
+            out.path, trainable=_trainable(plan), resume_errored=True, storage_filesystem=out.ray_filesystem
+        )
     else:
         plan = make_plan(options, out)
-        if (out / SWEEP_FILE).exists() or tune.Tuner.can_restore(str(out)):
+        if (out / SWEEP_FILE).exists() or can_restore():
             raise ValueError(f"{out} already holds a sweep; pass --resume to continue it, or choose another --out")
         resources = ensure_ray()
         plan["max_concurrent"] = options.max_concurrent or default_max_concurrent(plan, resources)
-        out.mkdir(parents=True, exist_ok=True)
+        out.makedirs()
         _write_json(out / SWEEP_FILE, plan)
         tuner = _make_tuner(plan, out)
     reaper = PlacementGroupReaper.for_plan(plan)
@@ -167,11 +174,12 @@ def _legacy_tune_output() -> Any:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
-def make_plan(options: SweepOptions, out: Path) -> dict[str, Any]:
+def make_plan(options: SweepOptions, out: str | os.PathLike[str] | storage.Location) -> dict[str, Any]:
     """Resolve and check a sweep before Ray starts: settings, param space, metric, ASHA's budget.
 
     The plan is plain JSON (``sweep.json``), so ``--resume`` rebuilds the same trainable from it.
     """
+    out = storage.location(out)
     from medood.platform.data.stream import read_manifest, split_count
     from medood.platform.train import TrainOptions, _effective_metric
 
@@ -199,9 +207,9 @@ def make_plan(options: SweepOptions, out: Path) -> dict[str, Any]:
     )
     plan: dict[str, Any] = {
         "name": out.name,
-        "path": str(out),
+        "path": out.uri,
         "method": options.method,
-        "data": str(Path(options.data).resolve()),
+        "data": storage.location(options.data).uri,
         "preset": options.preset,
         "overrides": base,
         "data_options": dict(options.data_options),
@@ -294,11 +302,11 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     from medood.platform.train import TrainOptions, train
 
     # The trial's folder in the sweep (get_trial_dir() is Tune's local staging copy, not the storage).
-    trial_dir = Path(plan["path"]) / tune.get_context().get_trial_name()
+    trial_dir = storage.location(plan["path"]) / tune.get_context().get_trial_name()
     options = TrainOptions(
         method=plan["method"],
         data=plan["data"],
-        out=str(trial_dir / "run"),
+        out=(trial_dir / "run").uri,
         preset=plan["preset"],
         overrides=trial_overrides(plan, config),
         data_options=plan["data_options"],
@@ -355,11 +363,11 @@ def param_space(plan: dict[str, Any]) -> dict[str, Any]:
 # -- results ------------------------------------------------------------------------------------
 
 
-def collect_trials(out: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
+def collect_trials(out: storage.Location, plan: dict[str, Any]) -> list[dict[str, Any]]:
     """Every trial of the experiment in ``out``: status, config, per-epoch history, error."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(out))
+    analysis = ExperimentAnalysis(out.path, storage_filesystem=out.ray_filesystem)
     frames = analysis.trial_dataframes
     trials = []
     for trial in analysis.trials:
@@ -372,9 +380,9 @@ def collect_trials(out: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
             error = (lines[-1] if lines else "error")[:300]
         trials.append(
             {
-                "trial": Path(trial.path).name,
+                "trial": out.at(trial.path).name,
                 "trial_id": trial.trial_id,
-                "trial_dir": str(trial.path),
+                "trial_dir": out.at(trial.path).uri,
                 "tune_status": trial.status,
                 "config": dict(trial.config),
                 "history": rows,
@@ -385,22 +393,28 @@ def collect_trials(out: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_results(
-    out: Path, plan: dict[str, Any], trials: list[dict[str, Any]], *, interrupted: bool = False
+    out: str | os.PathLike[str] | storage.Location,
+    plan: dict[str, Any],
+    trials: list[dict[str, Any]],
+    *,
+    interrupted: bool = False,
 ) -> SweepResult:
     """``results.csv``, ``results.md``, ``plots/`` and ``best.json`` from the collected trials."""
+    out = storage.location(out)
     rows = [_summarise(plan, t) for t in trials]
     order = {s["label"]: i for i, s in enumerate(plan["ablation"]["settings"])} if plan["ablation"] else {}
     rows.sort(key=lambda r: (order.get(r.get("setting"), 0), r.get("seed", 0), r["trial"]))
     best = _best(plan, rows)
-    _write_csv(out / RESULTS_CSV, plan, rows)
-    plots = _write_plots(out / PLOTS_DIR, plan, rows)
-    (out / RESULTS_MD).write_text(_render_markdown(plan, rows, best, plots, out, interrupted))
+    with storage.staged_folder(out) as staged:  # csv and PNGs are written locally, then uploaded
+        _write_csv(staged / RESULTS_CSV, plan, rows)
+        plots = _write_plots(staged / PLOTS_DIR, plan, rows)
+        (staged / RESULTS_MD).write_text(_render_markdown(plan, rows, best, plots, out, interrupted, staged))
     if best is not None:
         _write_json(out / ckpt.BEST_FILE, best)
     else:  # no trial has a checkpoint (yet): never leave an older best.json behind
         (out / ckpt.BEST_FILE).unlink(missing_ok=True)
     return SweepResult(
-        path=str(out),
+        path=out.uri,
         metric=plan["metric"],
         mode=plan["mode"],
         trials=rows,
@@ -413,7 +427,7 @@ def write_results(
 def _summarise(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     """One results row: parameters, the metrics of the trial's best epoch, epochs, time, checkpoint."""
     metric, sign = plan["metric"], 1.0 if plan["mode"] == "max" else -1.0
-    run_dir = Path(trial["trial_dir"]) / "run"
+    run_dir = storage.location(trial["trial_dir"]) / "run"
     by_epoch, wall = _epochs(trial["history"], run_dir)
     history = [by_epoch[e] for e in sorted(by_epoch)]
     epochs_run = max(by_epoch, default=0)
@@ -422,13 +436,13 @@ def _summarise(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     best_row = max(kept or scored, key=lambda h: sign * float(h[metric]), default=None)
     checkpoint = None
     if best_row is not None and _has_checkpoint(best_row):
-        checkpoint = str(Path(best_row["checkpoint_path"]).resolve())
+        checkpoint = str(best_row["checkpoint_path"])  # an absolute path or a URI (see _epochs)
     if trial["tune_status"] == "TERMINATED":
         status = "complete" if epochs_run >= plan["max_t"] else "stopped early"
     elif trial["tune_status"] == "ERROR":
         status = "error"
     else:  # an interrupted sweep: Tune sets the trials it was running back to PENDING
-        status = "unfinished" if history or (Path(trial["trial_dir"]) / "run").is_dir() else "pending"
+        status = "unfinished" if history or run_dir.is_dir() else "pending"
     config = trial["config"]
     row: dict[str, Any] = {"trial": trial["trial"], "status": status}
     if plan["ablation"]:
@@ -454,13 +468,13 @@ def _summarise(plan: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _epochs(reported: list[dict[str, Any]], run_dir: Path) -> tuple[dict[int, dict[str, Any]], float]:
+def _epochs(reported: list[dict[str, Any]], run_dir: storage.Location) -> tuple[dict[int, dict[str, Any]], float]:
     """A trial's metrics per epoch, and the seconds Tune saw it train.
 
     Mostly what Tune received. A trial can also train epochs Tune never hears of: after a stop or
     an interruption its run goes on for a moment, and a resumed run then has nothing left to report.
     The run's own record fills those in: ``run.json`` (written when the run ends) and the metrics in
-    its checkpoints.
+    its checkpoints. Checkpoint paths come back as users name them: absolute local paths, or URIs.
     """
     by_epoch: dict[int, dict[str, Any]] = {}
     run_file = run_dir / ckpt.RUN_FILE
@@ -472,21 +486,27 @@ def _epochs(reported: list[dict[str, Any]], run_dir: Path) -> tuple[dict[int, di
     for row in reported:
         wall += _number(row.get("time_this_iter_s")) or 0.0
         if _number(row.get("epoch")) is not None:  # an epoch reported twice (resumed): the last counts
+            row = dict(row)
+            if isinstance(row.get("checkpoint_path"), str) and row["checkpoint_path"]:
+                # Ray reports a path inside the run's filesystem (bucket/key on object storage)
+                where = run_dir.at(row["checkpoint_path"])
+                row["checkpoint_path"] = storage.location(where.path).uri if where.is_local else where.uri
             by_epoch[int(row["epoch"])] = {**by_epoch.get(int(row["epoch"]), {}), **row}
-    referenced = {str(Path(r["checkpoint_path"]).resolve()) for r in by_epoch.values() if _has_checkpoint(r)}
-    for folder in sorted(run_dir.glob("checkpoint_*")) if run_dir.is_dir() else []:
-        if str(folder.resolve()) in referenced or not (folder / ckpt.MODEL_FILE).is_file():
+    referenced = {r["checkpoint_path"] for r in by_epoch.values() if _has_checkpoint(r)}
+    for name in run_dir.listdir("checkpoint_*"):
+        folder = run_dir / name
+        if folder.uri in referenced or not (folder / ckpt.MODEL_FILE).is_file():
             continue
         metrics = ckpt.read_payload(folder / ckpt.MODEL_FILE).get("metrics", {})
         if _number(metrics.get("epoch")) is not None:
             epoch = int(metrics["epoch"])
-            by_epoch[epoch] = {**metrics, **by_epoch.get(epoch, {}), "checkpoint_path": str(folder)}
+            by_epoch[epoch] = {**metrics, **by_epoch.get(epoch, {}), "checkpoint_path": folder.uri}
     return by_epoch, wall
 
 
 def _has_checkpoint(row: dict[str, Any]) -> bool:
     path = row.get("checkpoint_path")
-    return bool(path) and (Path(path) / ckpt.MODEL_FILE).is_file()
+    return isinstance(path, str) and bool(path) and (storage.location(path) / ckpt.MODEL_FILE).is_file()
 
 
 def _best(plan: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -542,8 +562,9 @@ def _render_markdown(
     rows: list[dict[str, Any]],
     best: dict[str, Any] | None,
     plots: list[Path],
-    out: Path,
+    out: storage.Location,
     interrupted: bool,
+    staged: Path,
 ) -> str:
     metric, mode = plan["metric"], plan["mode"]
     ablation = plan["ablation"]
@@ -564,7 +585,7 @@ def _render_markdown(
     if plan["requested_metric"][0] != metric:
         lines += [f"The val split has no labels to rank by `{plan['requested_metric'][0]}`; ranked by `{metric}`.", ""]
     if interrupted:
-        lines += ["**Interrupted**: resume with `medood tune --resume --out " + str(out) + "`.", ""]
+        lines += ["**Interrupted**: resume with `medood tune --resume --out " + out.uri + "`.", ""]
     lines += _ablation_table(plan, rows) if ablation else _ranking_table(plan, rows)
     agreement = sensitivity_agreement(rows)
     if agreement is not None:
@@ -586,7 +607,7 @@ def _render_markdown(
             f"(`{ckpt.BEST_FILE}`).",
         ]
     if plots:
-        lines += [""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots]
+        lines += [""] + [f"![{p.stem}]({p.relative_to(staged).as_posix()})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
@@ -874,7 +895,7 @@ class PlacementGroupReaper:
 
 def tune_command(
     method: str = typer.Option(None, "--method", "-m", help="Registered method name (see `medood methods`)."),
-    data: Path = typer.Option(None, "--data", "-d", help="Shard folder written by `medood ingest`."),
+    data: str = typer.Option(None, "--data", "-d", help="Shard folder (or s3://bucket/prefix) written by `medood ingest`."),
     space: str = typer.Option("default", help="default (medood/search_spaces/<method>.yaml) or a YAML file."),
     ablation: str = typer.Option(None, help="Run one named ablation grid of the space file instead of the space."),
     preset: str = typer.Option("paper", help="Config preset: paper (the paper's values) or tiny (CPU)."),
@@ -892,7 +913,9 @@ def tune_command(
     cpus_per_trial: int = typer.Option(1, help="CPUs of each trial's Train worker (its torch threads)."),
     workers_per_trial: int = typer.Option(1, help="Ray Train workers per trial."),
     max_concurrent: int = typer.Option(None, help="Trials at once (default: what the cluster fits)."),
-    out: Path = typer.Option(None, help="Sweep folder (default runs/tune-<method>-<ablation|space>)."),
+    out: str = typer.Option(
+        None, help="Sweep folder or s3://bucket/prefix (default runs/tune-<method>-<ablation|space>)."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out; its settings come from there."),
     no_wandb: bool = typer.Option(False, "--no-wandb", help="Turn Weights & Biases logging off."),
     seed: int = typer.Option(0, help="Seed of the space sampling."),
@@ -931,7 +954,7 @@ def tune_command(
         seed=seed,
     )
     result = sweep(options)
-    folder = Path(result.path)
+    folder = storage.location(result.path)
     typer.echo((folder / RESULTS_MD).read_text())
     console.print(f"[green]sweep[/green] {folder}  ({result.trial_epochs} trial-epochs)")
     for skipped in result.skipped:
@@ -962,7 +985,7 @@ def _bundle(resources: dict[str, Any]) -> dict[str, float]:
     return {k.upper() if k in ("cpu", "gpu") else k: float(v) for k, v in resources.items() if v}
 
 
-def _make_tuner(plan: dict[str, Any], out: Path) -> Any:
+def _make_tuner(plan: dict[str, Any], out: storage.Location) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -995,7 +1018,8 @@ def _make_tuner(plan: dict[str, Any], out: Path) -> Any:
         ),
         run_config=tune.RunConfig(
             name=out.name,
-            storage_path=str(out.parent),
+            storage_path=out.parent.path,
+            storage_filesystem=out.ray_filesystem,
             failure_config=tune.FailureConfig(max_failures=0),  # each Train run retries its own workers
             # Tune's own status table every 30 s is replaced by one line per trial epoch (_trial_progress).
             verbose=0,
@@ -1090,7 +1114,5 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+def _write_json(path: storage.Location, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str))  # atomic (storage.Location.write_bytes)

@@ -30,7 +30,9 @@ def ingest_command(
     src: Annotated[
         Path, typer.Argument(help="Folder holding the data set as released.", exists=True, file_okay=False)
     ],
-    out: Annotated[Path, typer.Argument(help="Folder to write part-*.parquet and manifest.json to.")],
+    out: Annotated[
+        str, typer.Argument(help="Folder (or s3://bucket/prefix) to write part-*.parquet and manifest.json to.")
+    ],
     layout: Annotated[
         str, typer.Option("--layout", "-l", help=f"Folder structure of SRC: {', '.join(sorted(LAYOUTS))}.")
     ],
@@ -111,7 +113,7 @@ def ingest_command(
     _console.print(report.summary(), markup=False, highlight=False)
     if report.failed:
         _errors.print(
-            f"--strict: {len(report.quarantine)} file(s) quarantined (listed in {out / 'manifest.json'})",
+            f"--strict: {len(report.quarantine)} file(s) quarantined (listed in {report.out / 'manifest.json'})",
             markup=False,
             highlight=False,
         )
@@ -120,7 +122,7 @@ def ingest_command(
 
 @data_app.command("info")
 def info_command(
-    shards: Annotated[Path, typer.Argument(help="Folder written by `medood ingest`.")],
+    shards: Annotated[str, typer.Argument(help="Folder (or s3://bucket/prefix) written by `medood ingest`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Counts per split and label, shards and quarantine of a shards folder."""
@@ -147,7 +149,8 @@ def synth_command(
     size: Annotated[int | None, typer.Option("--size", help="Side of the image or volume, pixels.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Generator seed.")] = 0,
     shards: Annotated[
-        Path | None, typer.Option("--shards", help="Also ingest the result into this shards folder.")
+        str | None,
+        typer.Option("--shards", help="Also ingest the result into this shards folder (or s3://bucket/prefix)."),
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:

@@ -37,6 +37,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -61,6 +63,7 @@ from medood.platform.data.layouts import (
 from medood.platform.data.privacy import Salt, pseudonymize, resolve_salt
 from medood.platform.data.readers import DEFAULT_MAX_VOXELS, describe_error, image_format
 from medood.platform.data.schema import GENERATION_FILE, SCHEMA_VERSION, SHARD_SCHEMA, SPLITS, Record
+from medood.platform.storage import Location, location
 
 __all__ = [
     "IngestError",
@@ -106,7 +109,7 @@ class QuarantineEntry:
 class IngestReport:
     """The outcome of one ``ingest`` call; ``manifest`` is what ``manifest.json`` holds."""
 
-    out: Path
+    out: Location  # the shards folder: a local path or ``s3://bucket/prefix`` (``str(out)``)
     manifest: dict[str, Any]
     up_to_date: bool = False
     strict: bool = False
@@ -207,10 +210,10 @@ def ingest(
     if isinstance(max_voxels, bool) or int(max_voxels) < 1:
         raise UsageError(f"max_voxels must be a positive integer, got {max_voxels!r}")
     source_dir = Path(src).expanduser().resolve()
-    out_dir = Path(out).expanduser().resolve()
+    out_dir = location(out)
     if not source_dir.is_dir():
         raise UsageError(f"source folder {source_dir} does not exist or is not a folder")
-    if out_dir == source_dir:
+    if out_dir.is_local and out_dir.local_path() == source_dir:
         raise UsageError("out must differ from src")
     try:
         the_salt = resolve_salt(salt)
@@ -220,7 +223,7 @@ def ingest(
         layout, layout_options, seed, fractions, train_anomalies, max_shard_bytes, dataset, the_salt
     )
     params["max_voxels"] = int(max_voxels)
-    inputs = _walk(source_dir, out_dir)
+    inputs = _walk(source_dir, out_dir.local_path() if out_dir.is_local else None)
     fingerprint = _fingerprint(params, source_dir, inputs)
     current = _current_manifest(out_dir)
     if current is not None and current.get("input_fingerprint") == fingerprint:
@@ -234,7 +237,7 @@ def ingest(
     _check_unique_case_ids(found.cases)
     assignment = assign_splits(found.cases, seed=seed, splits=fractions, train_anomalies=train_anomalies)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.makedirs()
     # a crash from here on must not leave a manifest that vouches for half-written shards
     (out_dir / MANIFEST).unlink(missing_ok=True)
     name = dataset or layout
@@ -281,7 +284,7 @@ def ingest(
         ),
         "reconciliation": reconciliation,
     }
-    _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    (out_dir / MANIFEST).write_bytes((json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return IngestReport(out_dir, manifest, up_to_date=False, strict=strict)
 
 
@@ -335,21 +338,22 @@ def assign_splits(
     return {case.id: decided[(case.pool, case.group_key)] for case in cases}
 
 
-def read_manifest(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``manifest.json`` of a shards folder."""
-    path = Path(shards_dir) / MANIFEST
+def read_manifest(shards_dir: str | os.PathLike[str] | Location) -> dict[str, Any]:
+    """The ``manifest.json`` of a shards folder (a local path or ``s3://bucket/prefix``)."""
+    folder = location(shards_dir)
+    path = folder / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {Path(shards_dir)}; run `medood ingest` first")
+        raise FileNotFoundError(f"no {MANIFEST} in {folder}; run `medood ingest` first")
     return json.loads(path.read_text())
 
 
-def info(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def info(shards_dir: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """Counts per split and label, shards, quarantine summary and reconciliation of a shards folder.
 
     Reads ``manifest.json``; without one (shards copied without it) counts come from the shards.
     """
-    folder = Path(shards_dir)
-    shard_files = sorted(p.name for p in folder.glob(f"{SHARD_PREFIX}*.parquet"))
+    folder = location(shards_dir)
+    shard_files = folder.listdir(f"{SHARD_PREFIX}*.parquet")
     if not (folder / MANIFEST).is_file():
         if not shard_files:
             raise FileNotFoundError(f"no {MANIFEST} or {SHARD_PREFIX}*.parquet in {folder}")
@@ -542,8 +546,13 @@ class ShardWriter:
     ``row_group_bytes`` (at least one row), so memory stays bounded whatever the shard size.
     """
 
-    def __init__(self, out: Path, max_shard_bytes: int, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES) -> None:
+    def __init__(
+        self, out: Location, max_shard_bytes: int, row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES
+    ) -> None:
         self.out = out
+        # A shard is written to a local temporary file, then renamed into a local ``out`` or uploaded
+        # to object storage (where it appears whole); its size and sha256 come from the local file.
+        self._staging = out.local_path() if out.is_local else Path(tempfile.mkdtemp(prefix="medood-ingest-"))
         self.max_shard_bytes = max_shard_bytes
         self.row_group_bytes = min(row_group_bytes, max_shard_bytes)
         self.shards: list[dict[str, Any]] = []
@@ -567,7 +576,12 @@ class ShardWriter:
     def close(self) -> list[dict[str, Any]]:
         if self._shard_rows:
             self._finish_shard()
+        self._drop_staging()
         return self.shards
+
+    def _drop_staging(self) -> None:
+        if not self.out.is_local:
+            shutil.rmtree(self._staging, ignore_errors=True)
 
     def abort(self) -> None:
         """Drop the shard being written (its temporary file); finished shards stay."""
@@ -576,9 +590,10 @@ class ShardWriter:
             self._writer = None
         self._temporary().unlink(missing_ok=True)
         self._buffer = []
+        self._drop_staging()
 
     def _temporary(self) -> Path:
-        return self.out / f".{self._name()}.tmp"
+        return self._staging / f".{self._name()}.tmp"
 
     def _name(self) -> str:
         return f"{SHARD_PREFIX}{len(self.shards):05d}.parquet"
@@ -604,17 +619,15 @@ class ShardWriter:
         assert self._writer is not None
         self._writer.close()
         self._writer = None
-        final = self.out / self._name()
         temporary = self._temporary()
-        os.replace(temporary, final)
-        self.shards.append(
-            {
-                "path": final.name,
-                "rows": self._shard_rows,
-                "bytes": final.stat().st_size,
-                "sha256": _sha256_file(final),
-            }
-        )
+        shard = {
+            "path": self._name(),
+            "rows": self._shard_rows,
+            "bytes": temporary.stat().st_size,
+            "sha256": _sha256_file(temporary),
+        }
+        (self.out / self._name()).upload(temporary)
+        self.shards.append(shard)
         self._shard_bytes = 0
         self._shard_rows = 0
 
@@ -726,8 +739,8 @@ def _params(
     }
 
 
-def _walk(src: Path, out: Path) -> list[tuple[Path, os.stat_result]]:
-    """Every regular file under ``src`` (hidden ones included, ``out`` excluded), sorted."""
+def _walk(src: Path, out: Path | None) -> list[tuple[Path, os.stat_result]]:
+    """Every regular file under ``src`` (hidden ones included, a local ``out`` excluded), sorted."""
     files = []
     for root, dirs, names in os.walk(src):
         root_path = Path(root)
@@ -750,7 +763,7 @@ def _fingerprint(params: dict[str, Any], src: Path, inputs: list[tuple[Path, os.
     return digest.hexdigest()
 
 
-def _current_manifest(out: Path) -> dict[str, Any] | None:
+def _current_manifest(out: Location) -> dict[str, Any] | None:
     """The manifest in ``out`` if it and every shard it lists are intact, else None."""
     try:
         manifest = read_manifest(out)
@@ -758,17 +771,17 @@ def _current_manifest(out: Path) -> dict[str, Any] | None:
         return None
     for shard in manifest.get("shards", []):
         path = out / shard["path"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+        if not path.is_file() or path.size() != shard["bytes"]:
             return None
     return manifest
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
-    for path in out.glob(f"{SHARD_PREFIX}*.parquet"):
-        if path.name not in keep:
-            path.unlink()
-    for path in out.glob(f".{SHARD_PREFIX}*.tmp"):
-        path.unlink()
+def _remove_stale(out: Location, keep: set[str]) -> None:
+    for name in out.listdir(f"{SHARD_PREFIX}*.parquet"):
+        if name not in keep:
+            (out / name).unlink()
+    for name in out.listdir(f".{SHARD_PREFIX}*.tmp"):
+        (out / name).unlink()
 
 
 def _reconcile(
@@ -811,12 +824,6 @@ def _sanitize(reason: str, case: Case, src: Path) -> str:
     return reason.replace(str(src), "<src>")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -825,12 +832,14 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _info_from_shards(folder: Path, shard_files: list[str]) -> dict[str, Any]:
+def _info_from_shards(folder: Location, shard_files: list[str]) -> dict[str, Any]:
     counts = {s: Counter({"normal": 0, "abnormal": 0, "unlabeled": 0}) for s in SPLITS}
     groups: dict[str, set[str]] = {s: set() for s in SPLITS}
     datasets: set[str] = set()
     for name in shard_files:
-        table = pq.read_table(folder / name, columns=["dataset", "split", "label", "group"])
+        table = pq.read_table(
+            (folder / name).path, columns=["dataset", "split", "label", "group"], filesystem=folder.filesystem
+        )
         for row in table.to_pylist():
             key = {0: "normal", 1: "abnormal", None: "unlabeled"}[row["label"]]
             counts[row["split"]][key] += 1
@@ -845,7 +854,7 @@ def _info_from_shards(folder: Path, shard_files: list[str]) -> dict[str, Any]:
         "counts": {s: {**dict(counts[s]), "total": sum(counts[s].values())} for s in SPLITS},
         "groups": {s: len(groups[s]) for s in SPLITS},
         "shards": len(shard_files),
-        "bytes": sum((folder / n).stat().st_size for n in shard_files),
+        "bytes": sum((folder / n).size() for n in shard_files),
         "missing_shards": [],
         "unlisted_shards": shard_files,
         "quarantine": {"files": 0, "by_reason": {}},

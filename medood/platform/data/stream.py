@@ -32,6 +32,7 @@ import numpy as np
 
 from medood.platform.data.ingest import read_manifest
 from medood.platform.data.schema import SPLITS, decode_affine, decode_image, decode_mask
+from medood.platform.storage import location
 
 _log = logging.getLogger(__name__)
 
@@ -81,8 +82,16 @@ class InputSpec:
 
 
 def shard_paths(shards: str | Path) -> list[str]:
-    manifest = read_manifest(shards)
-    return [str(Path(shards) / s["path"]) for s in manifest["shards"]]
+    """The shard files the manifest lists: local paths, or URIs (``s3://...``) for object storage."""
+    return [str(location(shards) / s["path"]) for s in read_manifest(shards)["shards"]]
+
+
+def shard_files(shards: str | Path) -> tuple[list[str], Any]:
+    """(paths inside the filesystem, the pyarrow filesystem) of the listed shards, for Arrow and Ray Data
+    readers; the filesystem is ``None`` for a local folder (the readers' default)."""
+    folder = location(shards)
+    paths = [(folder / s["path"]).path for s in read_manifest(folder)["shards"]]
+    return paths, folder.ray_filesystem
 
 
 def split_count(shards: str | Path, split: str) -> int:
@@ -198,8 +207,9 @@ def preprocessed_bytes(shards: str | Path, split: str, spec: InputSpec | None) -
     import pyarrow.parquet as pq
 
     total = 0
-    for path in shard_paths(shards):
-        table = pq.read_table(path, columns=["shape"], filters=[("split", "=", split)])
+    paths, filesystem = shard_files(shards)
+    for path in paths:
+        table = pq.read_table(path, columns=["shape"], filters=[("split", "=", split)], filesystem=filesystem)
         for shape in table.column("shape").to_pylist():
             if spec is None:
                 total += 4 * int(np.prod(shape)) + 256
@@ -231,7 +241,7 @@ def _read_shards(shards: str | Path, split: str, columns: list[str] | None = Non
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-    paths = shard_paths(shards)
+    paths, filesystem = shard_files(shards)
     if not paths:
         raise ValueError(f"{shards}: the manifest lists no shards")
     context = ray.data.DataContext.get_current()
@@ -240,7 +250,9 @@ def _read_shards(shards: str | Path, split: str, columns: list[str] | None = Non
     context.target_max_block_size = min(previous[1] or TARGET_BLOCK_BYTES, TARGET_BLOCK_BYTES)
     try:
         # The dataset keeps a copy of the current DataContext, settings above included.
-        dataset = ray.data.read_parquet(paths, columns=columns, override_num_blocks=len(paths))
+        dataset = ray.data.read_parquet(
+            paths, columns=columns, override_num_blocks=len(paths), filesystem=filesystem
+        )
     finally:
         context.use_datasource_v2, context.target_max_block_size = previous
     return dataset.filter(expr=col("split") == split)
