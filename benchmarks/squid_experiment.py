@@ -76,6 +76,7 @@ PAIRS = (
         )
     ),
     ("autoencoder - floor", AE, FLOOR),
+    ("squid-cpu (region) - autoencoder cell-max", ("squid-cpu", "region"), ("autoencoder", "cell-max diagnostic")),
 )
 
 
@@ -305,12 +306,15 @@ def summarise(rows: list[dict]) -> dict:
     table: dict[str, dict[str, dict]] = {}
     for row in rows:
         tag = row.get("tag", "")
-        for score in ("reconstruction", "region", "discriminator"):
-            if score in row:
-                key = f"{row['run']}|{score}"
-                entry = table.setdefault(tag, {}).setdefault(key, {"seeds": {}, "per_type": {}})
-                entry["seeds"][row["seed"]] = row[score]["auroc"]
-                entry["per_type"][row["seed"]] = row[score]["per_type"]
+        # The diagnostic per-cell score (cell_figures) of runs without a "region" score: the autoencoder's.
+        found = {score: row[score] for score in ("reconstruction", "region", "discriminator") if score in row}
+        if "region" not in found and "cells" in row:
+            found["cell-max diagnostic"] = row["cells"]["cell_max_auroc"]
+        for score, figures in found.items():
+            key = f"{row['run']}|{score}"
+            entry = table.setdefault(tag, {}).setdefault(key, {"seeds": {}, "per_type": {}})
+            entry["seeds"][row["seed"]] = figures["auroc"]
+            entry["per_type"][row["seed"]] = figures["per_type"]
     out: dict = {}
     for tag, runs in table.items():
         block: dict = {"runs": {}, "pairs": {}}

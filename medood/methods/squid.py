@@ -41,6 +41,10 @@ Scores (``Config.score``):
 - ``reconstruction``: the mean squared error of the student's reconstruction, i.e. the mean of the map.
   The student in-paints every patch from the memory of normal patches, so its error is what the
   discriminator is meant to see; on DigitAnatomy it detects, where D's logit ranks ink and blur (issue 9).
+- ``region`` (not the thesis'): the student's mean squared error in each grid region, standardised by that
+  region's mean and standard deviation on the normal training images (``fit_reference``, as Eq. 3.5
+  standardises by training statistics), maximised over the regions, so that an anomaly in one of nine
+  cells is not averaged with eight normal ones. The ``digitanatomy-cpu`` preset's score.
 
 The thesis gives no pixel map (§5.1); ``map`` is the student's squared reconstruction error, the "naive
 extension" of §5.2, whatever the score.
