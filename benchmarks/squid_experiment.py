@@ -70,8 +70,10 @@ PAIRS = (
                 (f"{run} ({score}) - autoencoder", (run, score), AE)
                 for score in ("reconstruction", "region", "discriminator") if score != default
             ),
-            (f"{run} grid 3 - grid 1 ({default})", (run, default), (f"{run}-grid1", default)),
-            (f"{run} grid 3 - grid 1 (discriminator)", (run, "discriminator"), (f"{run}-grid1", "discriminator")),
+            *(
+                (f"{run} grid 3 - grid 1 ({score})", (run, score), (f"{run}-grid1", score))
+                for score in dict.fromkeys((default, "reconstruction", "discriminator"))
+            ),
             (f"{run} ({default}) - floor", (run, default), FLOOR),
         )
     ),
