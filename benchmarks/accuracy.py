@@ -77,6 +77,15 @@ RUNS = [
         rescore={"squid eq. 3.5 (discriminator)": {"score": "discriminator"}},
     ),
     Run("squid grid 1", "squid", "digitanatomy", preset="digitanatomy", overrides={"grid": 1}),
+    # The CPU-budget preset (no learnable student memories, no skips, per-region score; squid.py)
+    Run(
+        "squid cpu", "squid", "digitanatomy", preset="digitanatomy-cpu",
+        rescore={
+            "squid cpu eq. 3.5 (discriminator)": {"score": "discriminator"},
+            "squid cpu (reconstruction)": {"score": "reconstruction"},
+        },
+    ),
+    Run("squid cpu grid 1", "squid", "digitanatomy", preset="digitanatomy-cpu", overrides={"grid": 1}),
     # self_taught without known anomalies: the unsupervised case (our extension; no paper row)
     Run("self_taught 0%", "self_taught", "digitanatomy", overrides={"image_size": 96}),
     # digitanatomy with 5% known anomalies in train (the paper's setting); the AE and the floor see the same shards
@@ -126,6 +135,9 @@ GOALS = [
     ("SQUID beats the autoencoder", "digitanatomy", "squid", "autoencoder"),
     ("SQUID grid 3 (the anatomy's) beats grid 1", "digitanatomy", "squid", "squid grid 1"),
     ("SQUID beats the pixel Mahalanobis floor", "digitanatomy", "squid", "pixel_mahalanobis"),
+    ("SQUID (CPU preset) beats the autoencoder", "digitanatomy", "squid cpu", "autoencoder"),
+    ("SQUID (CPU preset) grid 3 beats grid 1", "digitanatomy", "squid cpu", "squid cpu grid 1"),
+    ("SQUID (CPU preset) beats the pixel Mahalanobis floor", "digitanatomy", "squid cpu", "pixel_mahalanobis"),
     ("mae_classifier beats the autoencoder", "brain-slices", "mae_classifier", "autoencoder"),
     ("mae_classifier beats its MAE-only SSIM score", "brain-slices", "mae_classifier", "MAE-only SSIM (same MAE)"),
     ("3D autoencoder beats the voxel z-score floor", "brain-3d", "autoencoder 3D", "voxel_zscore"),

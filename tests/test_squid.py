@@ -419,7 +419,7 @@ def test_score_option_reconstruction_or_discriminator():
     eq35 = method.score(batch)
     assert torch.equal(eq35.map, default.map)  # the map is the student's error either way
     assert ((eq35.sample > 0) & (eq35.sample < 1)).all() and not torch.allclose(eq35.sample, default.sample)
-    with pytest.raises(ValueError, match="unknown score 'ssim'; known: reconstruction, discriminator"):
+    with pytest.raises(ValueError, match="unknown score 'ssim'; known: reconstruction, discriminator, region"):
         Squid.make_config("tiny", {"score": "ssim"})
     with pytest.raises(ValueError, match="unknown addressing 'l2'; known: cosine, dot"):
         Squid.make_config("tiny", {"addressing": "l2"})
@@ -430,6 +430,39 @@ def test_digitanatomy_preset_is_the_authors_grid():
     assert (c.image_size, c.grid, len(c.channels)) == (96, 3, 3)  # configs/digit_best.py (notes, appendix A)
     method = Squid(c)
     assert method.score({"image": torch.rand(1, 1, 96, 96)}).map.shape == (1, 1, 96, 96)
+    # The CPU-budget variant: the same network without the student's learnable memories and skips
+    # (Table 4.4's ablations), scored per region; nothing else differs.
+    cpu = Squid.make_config("digitanatomy-cpu")
+    assert (cpu.hierarchical_memory, cpu.skip_connections, cpu.score) == (False, False, "region")
+    differ = {k for k in vars(c) if getattr(c, k) != getattr(cpu, k)}
+    assert differ == {"hierarchical_memory", "skip_connections", "score"}, differ
+
+
+def test_region_score_is_the_largest_standardised_region_error():
+    method = _micro(grid=2)
+    train = _images(6, seed=2)
+    method.fit_reference([{"image": train[:3]}, {"image": train[3:]}])
+    method.eval()
+    with torch.no_grad():
+        errors = (method.generate(train)["reconstruction"] - train) ** 2
+    # Row-major 2 x 2 regions of the 32 x 32 image, fitted on the training images.
+    regions = torch.stack([errors[:, 0, r * 16 : r * 16 + 16, c * 16 : c * 16 + 16].mean(dim=(1, 2))
+                           for r in range(2) for c in range(2)], dim=1)
+    assert torch.allclose(method.region_mean, regions.mean(dim=0), atol=1e-6)
+    assert torch.allclose(method.region_std, regions.std(dim=0, unbiased=False), atol=1e-6)
+    test = _images(5, seed=7)
+    test[0, 0, :16, 16:] = 1.0  # one region far from anything seen
+    method.config.score = "region"
+    region = method.score({"image": test})
+    with torch.no_grad():
+        errors = (method.generate(test)["reconstruction"] - test) ** 2
+    per_region = torch.stack([errors[:, 0, r * 16 : r * 16 + 16, c * 16 : c * 16 + 16].mean(dim=(1, 2))
+                              for r in range(2) for c in range(2)], dim=1)
+    expected = ((per_region - method.region_mean) / method.region_std).max(dim=1).values
+    assert torch.allclose(region.sample, expected, atol=1e-5)
+    assert int(region.sample.argmax()) == 0
+    method.config.score = "reconstruction"
+    assert torch.equal(method.score({"image": test}).map, region.map)
 
 
 def _varied_images(n: int, seed: int) -> torch.Tensor:
