@@ -8,7 +8,8 @@ Two models, each trained both ways on the same samples with the same batch size 
 The TorchTrainer run is ``medood.platform.train.train`` as users run it (validation every epoch, as
 by default); its ``epoch_time_s`` is the training part of each epoch (validation not included). The
 plain loop iterates tensors preprocessed once up front (``read_split``), in a random order each
-epoch. Epoch 1 is the warm-up; the figure is the median of the later epochs. Prints a table and
+epoch. Epoch 1 is the warm-up; the figure is the median of the later epochs (beside it, the ratio of
+the fastest later epochs, the least disturbed by a shared machine's load). Prints a table and
 writes ``benchmarks/results/train_overhead.json`` with the load average. Goal (issue 10):
 TorchTrainer / plain <= 1.10 for both.
 
@@ -78,16 +79,20 @@ def run_case(name: str, case: dict, epochs: int, work: Path) -> dict:
         plain_epochs.append(time.perf_counter() - t0)
 
     ray_s, plain_s = float(np.median(ray_epochs[1:])), float(np.median(plain_epochs[1:]))
+    # On a shared machine the load swings epoch times by 2-3x; the fastest epoch of each loop is the
+    # least disturbed one, so its ratio is reported beside the median's (the goal stays on the median).
+    ray_min, plain_min = float(np.min(ray_epochs[1:])), float(np.min(plain_epochs[1:]))
     shape = "x".join([str(config.image_size)] * config.spatial_dims)
     print(f"\n{name}: autoencoder {case['preset']}, {n_samples} samples of {shape}, batch {config.batch_size}, 1 thread")
     print(f"{'loop':<36} {'epoch (s)':>10} {'samples/s':>10}")
     print(f"{'TorchTrainer (platform data path)':<36} {ray_s:>10.3f} {n_samples / ray_s:>10.1f}")
     print(f"{'plain PyTorch, preprocessed tensors':<36} {plain_s:>10.3f} {len(images) / plain_s:>10.1f}")
-    print(f"ratio {ray_s / plain_s:.3f}; whole TorchTrainer run {ray_wall:.1f} s")
+    print(f"ratio {ray_s / plain_s:.3f} (fastest epochs: {ray_min / plain_min:.3f}); whole TorchTrainer run {ray_wall:.1f} s")
     print(f"per-epoch TorchTrainer: {[round(x, 3) for x in ray_epochs]}; plain: {[round(x, 3) for x in plain_epochs]}")
     return {
         "samples": n_samples, "shape": shape, "batch_size": config.batch_size, "ray_epoch_s": ray_epochs,
-        "plain_epoch_s": plain_epochs, "ratio": ray_s / plain_s, "goal_met": ray_s / plain_s <= 1.10,
+        "plain_epoch_s": plain_epochs, "ratio": ray_s / plain_s, "ratio_fastest_epochs": ray_min / plain_min,
+        "goal_met": ray_s / plain_s <= 1.10,
         "ray_run_wall_s": ray_wall,
     }
 

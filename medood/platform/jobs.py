@@ -25,6 +25,18 @@ ADDRESS_HELP = (
 )
 
 
+#: Ray Train settings for a local (one-node) Ray, set in the driver's environment unless the user set them
+#: (Ray Train passes these variables on from the driver to its controller and workers):
+#: - no preemption watcher: it watches for nodes being drained (spot instances), which a local Ray has
+#:   none of, and costs an actor process (seconds of CPU on a small machine) per run;
+#: - the controller polls its workers every 0.5 s instead of 2 s, so a run ends (and its epoch lines
+#:   show) up to 1.5 s sooner; a poll is one small actor call.
+LOCAL_TRAIN_SETTINGS = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+
+
 class ClusterUnreachable(ConnectionError):
     """The Ray cluster named by --address / RAY_ADDRESS does not answer."""
 
@@ -86,6 +98,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
                 # Read by the raylet this call starts (a RAY_<config> environment override).
                 startup = max(16, 4 * int(kwargs["num_cpus"]))
                 os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(startup))
+            for key, value in LOCAL_TRAIN_SETTINGS.items():
+                os.environ.setdefault(key, value)
         else:
             check_reachable(address)
         if quiet:

@@ -44,7 +44,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -63,6 +62,7 @@ from medood.platform import checkpoint as ckpt
 from medood.platform import metrics as M
 from medood.platform import storage
 from medood.platform.data.stream import InputSpec, read_manifest, to_torch_batch, training_datasets
+from medood.platform.progress import ProgressPrinter
 
 LABEL_FREE_METRICS = ("val_loss", "val_sensitivity")
 METRIC_ALIASES = {"sensitivity": "val_sensitivity"}
@@ -141,6 +141,14 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         options.data, spec, seed=seed, batch_size=4,
         with_val=bool(int(manifest["counts"].get("val", {}).get("total", 0))),
     )
+    if not methods.get(options.method).trainable:
+        # Fitted on ``reference`` alone: no training split to hand out.
+        del datasets["train"]
+    # The train split is split over the workers (``streaming_split``: a SplitCoordinator actor runs the
+    # pipeline and hands each worker its blocks, every epoch). One worker gets the whole split anyway, so
+    # it iterates the dataset itself: the same blocks in the same order, without that actor's start
+    # (seconds on a small machine) and without a round trip to it for every block of every epoch.
+    split = ["train"] if options.workers > 1 and "train" in datasets else []
 
     use_gpu = options.gpus_per_worker > 0
     loop_config = {
@@ -162,7 +170,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     resources = {"CPU": float(options.cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(options.gpus_per_worker)
-    printer = _ProgressPrinter(out.name) if options.progress else None
+    printer = ProgressPrinter(out.name) if options.progress else None
     callbacks = list(callbacks or []) + ([printer.callback] if printer else [])
     trainer = TorchTrainer(
         _train_loop_per_worker,
@@ -183,7 +191,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         ),
         datasets=datasets,
         # Blocks reach the worker in the same order every run, so the seeded shuffle is reproducible.
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": _ordered_ingest()}),
+        dataset_config=DataConfig(datasets_to_split=split, execution_options={"train": _ordered_ingest()}),
     )
     try:
         result = trainer.fit()
@@ -223,7 +231,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = start["history"]
     tracker = _Tracker(loop["wandb"]) if rank == 0 else None
 
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = _maybe_shard("train")  # none for training-free methods
     reference = ray.train.get_dataset_shard("reference") if rank == 0 else None
     val = _maybe_shard("val") if rank == 0 else None
     batch_size = int(config.batch_size)
@@ -679,98 +687,54 @@ def _wandb_settings(options: TrainOptions, out: storage.Location, config: Any) -
     }
 
 
-class _ProgressCallback:
-    """Ray Train callback (runs on the controller): each report becomes a line in a Ray queue."""
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if metrics:
-            self.queue.put(progress_line(metrics[0]))
-
-
-def progress_line(m: dict[str, Any]) -> str:
-    """``epoch 3/12  train  loss 0.0410  val_auroc 0.870  4.1 s/epoch  eta 37 s`` from one report."""
-    total = int(m.get("epochs_total") or 0)
-    if total == 0:
-        parts = ["fit (no training)"]
-    else:
-        parts = [f"epoch {int(m['epoch'])}/{total}", str(m.get("stage", ""))]
-    if "train_loss" in m:
-        parts.append(f"loss {m['train_loss']:.4g}")
-    for key in ("val_loss", "val_auroc", "val_ap"):
-        if key in m:
-            parts.append(f"{key} {m[key]:.3f}" if key != "val_loss" else f"{key} {m[key]:.4g}")
-    if "epoch_time_s" in m:
-        parts.append(f"{m['epoch_time_s']:.1f} s/epoch")
-        if total:
-            parts.append(f"eta {max(0, total - int(m['epoch'])) * m['epoch_time_s']:.0f} s")
-    return "  ".join(p for p in parts if p)
-
-
-class _ProgressPrinter:
-    """Driver side of the progress lines: a thread printing what the controller's callback queues."""
-
-    def __init__(self, run_name: str) -> None:
-        from ray.train import UserCallback
-        from ray.util.queue import Queue
-
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        self.callback = type("MedoodProgress", (_ProgressCallback, UserCallback), {})(self.queue)
-        self.prefix = f"[{run_name}] "
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="medood-progress", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        from ray.util.queue import Empty
-
-        while True:
-            try:
-                line = self.queue.get(timeout=0.5)
-            except Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            except Exception:  # the queue actor is gone (Ray shut down): nothing more to print
-                return
-            print(self.prefix + line, file=sys.stdout, flush=True)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        try:
-            self.queue.shutdown()
-        except Exception:  # noqa: BLE001 - best effort; Ray may already be down
-            pass
-
-
 class _Tracker:
-    """Weights & Biases logging on rank 0, offline unless the user chose a mode (WANDB_MODE)."""
+    """Weights & Biases logging on rank 0, offline unless the user chose a mode (WANDB_MODE).
+
+    ``wandb.init`` (import, then starting W&B's service process: 3-10 s on a small machine) runs in a
+    thread while the worker starts training; the first ``log`` waits for it.
+    """
 
     def __init__(self, settings: dict[str, Any] | None) -> None:
         self.run = None
+        self._error: BaseException | None = None
+        self._starting: threading.Thread | None = None
         if settings is None:
             return
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
+        self._starting = threading.Thread(target=self._init, args=(settings,), name="medood-wandb-init", daemon=True)
+        self._starting.start()
 
-        self.run = wandb.init(
-            project=settings["project"],
-            group=settings["group"],
-            name=settings["name"],
-            dir=settings["dir"],
-            config=settings["config"],
-            reinit="finish_previous",
-        )
+    def _init(self, settings: dict[str, Any]) -> None:
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=settings["project"],
+                group=settings["group"],
+                name=settings["name"],
+                dir=settings["dir"],
+                config=settings["config"],
+                reinit="finish_previous",
+            )
+        except BaseException as error:  # noqa: BLE001 - raised again by the first log (or finish)
+            self._error = error
+
+    def _started(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._started()
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def finish(self) -> None:
+        self._started()
         if self.run is not None:
             self.run.finish()
             self.run = None

@@ -1029,10 +1029,10 @@ def _make_tuner(plan: dict[str, Any], out: storage.Location) -> Any:
 
 
 def _trial_progress() -> Any:
-    """A Tune callback: one line per trial epoch (``train.progress_line``), and one when a trial ends."""
+    """A Tune callback: one line per trial epoch (``progress.progress_line``), and one when a trial ends."""
     from ray import tune
 
-    from medood.platform.train import progress_line
+    from medood.platform.progress import progress_line
 
     class TrialProgress(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
