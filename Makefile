@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-cluster lint bench clean
+.PHONY: demo test test-cluster compile lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,19 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev,dicom-codecs]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# medood is installed editable, so pip compiles none of it; where PYTHONDONTWRITEBYTECODE is set every
+# Ray worker would compile it again (seconds per process). Stale files are ignored by Python's checks.
+compile: $(STAMP)
+	$(BIN)/python -m compileall -q medood
+
+demo: compile
 	$(BIN)/medood demo --out runs/demo
 
 # The two-node cluster tests (issue 15) start and kill Ray nodes for several minutes: run them alone.
-test: $(STAMP)
+test: compile
 	$(BIN)/python -m pytest -q -m "not cluster"
 
-test-cluster: $(STAMP)
+test-cluster: compile
 	$(BIN)/python -m pytest -q -m cluster tests/test_cluster.py
 
 lint: $(STAMP)
