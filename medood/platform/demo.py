@@ -21,7 +21,7 @@ from rich.console import Console
 # DigitAnatomy at 96 px: the authors' digit setting, whose 3 x 3 SQUID grid matches the 3 x 3 anatomy.
 DATASETS = {
     "digitanatomy": {"n_train": 320, "n_test": 300, "size": 96},
-    "synthetic-brain": {"n_train": 24, "n_test": 40, "size": 48},
+    "synthetic-brain": {"n_train": 40, "n_test": 80, "size": 48},
 }
 
 
