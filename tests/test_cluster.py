@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
+from run_folders import checkpoint_registered
 from typer.testing import CliRunner
 
 from medood.platform import jobs
@@ -455,18 +456,10 @@ def test_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(
     def finished(trial: Path) -> bool:
         return (trial / "run" / "run.json").is_file()
 
-    def registered(trial: Path) -> bool:
-        """Ray Train has registered a checkpoint of the trial's run (a folder alone may be half written)."""
-        try:
-            snapshot = json.loads((trial / "run" / "checkpoint_manager_snapshot.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return bool(snapshot.get("checkpoint_results"))
-
     deadline = time.monotonic() + 360
     while time.monotonic() < deadline:
         done = [t for t in trials() if finished(t)]
-        going = [t for t in trials() if not finished(t) and registered(t)]
+        going = [t for t in trials() if not finished(t) and checkpoint_registered(t / "run")]
         if len(done) == 1 and going:
             break
         time.sleep(0.5)
@@ -503,9 +496,9 @@ def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
         "--max-failures", "2", "--out", str(run),
     ])
     deadline = time.monotonic() + 240
-    while not list(run.glob("checkpoint_*")) and time.monotonic() < deadline:
+    while not checkpoint_registered(run) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert list(run.glob("checkpoint_*")), "no checkpoint before the deadline"
+    assert checkpoint_registered(run), "no checkpoint before the deadline"
     workers = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE" and a.get("job_id")]
     second_id = next(n["node_id"] for n in cluster_nodes(cluster) if n["node_ip"] and n["node_id"] and not n.get("is_head_node"))
     assert second_id in {a["node_id"] for a in workers}, "no worker on the second node"

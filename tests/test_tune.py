@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from run_folders import checkpoint_registered
 from typer.testing import CliRunner
 
 from medood import methods
@@ -254,7 +255,7 @@ def test_sweep_interrupted_then_resumed_keeps_finished_trials(ray_local, digits,
 
     def first_done_second_checkpointed() -> bool:
         done = [d for d in _trial_dirs(out) if (d / "run" / ckpt.RUN_FILE).is_file()]
-        going = [d for d in _trial_dirs(out) if d not in done and any(c.is_dir() for c in (d / "run").glob("checkpoint_*"))]
+        going = [d for d in _trial_dirs(out) if d not in done and checkpoint_registered(d / "run")]
         return len(done) == 1 and len(going) == 1
 
     finished = threading.Event()
