@@ -1,14 +1,12 @@
 """The method contract's stage hooks across Train workers: every rank ends a stage start with the same
 k-means centres (fitted on the features of all ranks), and pruning acts on counts summed over ranks.
 
-One test runs the platform helpers in two gloo processes (no Ray); one runs ``self_taught`` through
-Ray Train with two CPU workers on shards ingested with known anomalies in train.
+The test here runs the platform helpers in two gloo processes (no Ray); the Ray Train run of ``self_taught``
+with two CPU workers on known-anomaly shards is in test_train_evaluate.py (that module's local Ray).
 """
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -70,39 +68,3 @@ def test_two_workers_get_identical_centres_from_all_data_and_prune_on_summed_cou
     # Summed counts [10, 10, 2]: sphere 2 holds 2 < 0.3 * 10 and is pruned on both ranks; per rank,
     # rank 0 alone would have pruned sphere 1 (0 < 3) and rank 1 sphere 0.
     assert out[0]["active"].tolist() == out[1]["active"].tolist() == [True, True, False]
-
-
-@pytest.mark.ray
-def test_self_taught_trains_with_two_workers_on_known_anomalies(tmp_path):
-    import ray
-
-    from medood.platform import checkpoint as ckpt
-    from medood.platform.data.ingest import ingest
-    from medood.platform.data.synthetic import synthesize
-    from medood.platform.jobs import ensure_ray
-    from medood.platform.train import TrainOptions, train
-
-    layout = synthesize("digitanatomy", tmp_path / "raw", n_train=40, n_test=24, size=32, seed=0)
-    ingest(layout, tmp_path / "raw", tmp_path / "shards", seed=0, train_anomalies=0.3, progress=False)
-    ensure_ray(num_cpus=2)
-    try:
-        result = train(
-            TrainOptions(
-                method="self_taught", data=str(tmp_path / "shards"), out=str(tmp_path / "run"), preset="tiny",
-                overrides=SMALL, workers=2, cpus_per_worker=0.5, wandb=False, progress=False,
-                # A metric on which the pretext stage wins (its InfoNCE loss is far above the sphere
-                # loss): the best checkpoint must still come from the last stage, the method trained.
-                metric="val_loss", mode="max",
-            )
-        )
-    finally:
-        ray.shutdown()
-    assert [h["stage"] for h in result.history] == ["pretext", "ad"]
-    pretext, ad = result.history
-    assert pretext["val_loss"] > ad["val_loss"]
-    assert result.best_metrics["stage"] == "ad" and result.best_metrics["epoch"] == ad["epoch"]
-    assert ckpt.load(result.best_checkpoint).method.centers_ready
-    assert 0 < ad["train_labelled_fraction"] < 0.5  # known anomalies, counted over both workers
-    assert np.isfinite(ad["train_loss"]) and "val_auroc" in ad
-    model = ckpt.load(result.path).method
-    assert bool(model.centers_ready) and 1 <= int(model.active.sum()) <= 3

@@ -234,19 +234,39 @@ def test_streaming_slices_patches_and_raw_arrays(ray_local, brain):
     assert all(r["image"].shape == (24, 24, 24) for r in raw.iter_rows())
 
 
-def test_two_workers_split_the_data_and_average_gradients(ray_local, digits, tmp_path):
-    result = train(
-        TrainOptions(
-            method="autoencoder", data=str(digits), out=str(tmp_path / "ddp"), preset="tiny",
-            overrides={"epochs": 1, "image_size": 32}, workers=2, cpus_per_worker=0.5, wandb=False,
-        )
-    )
-    (entry,) = result.history
+def test_two_workers_split_the_data_and_run_the_stage_hooks(ray_local, tmp_path):
+    """``self_taught`` with two CPU workers on shards ingested with known anomalies in train: Ray Data splits
+    the train split between the workers, the stage hooks fit k-means centres from all of it and prune on
+    summed counts (test_stage_hooks.py checks the same hooks in two gloo processes without Ray), and the
+    best checkpoint comes from the last stage. Gradient averaging itself is test_ddp.py's."""
     from medood.platform.data.stream import split_count
 
+    layout = synthesize("digitanatomy", tmp_path / "raw", n_train=40, n_test=24, size=32, seed=0)
+    ingest(layout, tmp_path / "raw", tmp_path / "shards", seed=0, train_anomalies=0.3, progress=False)
+    small = {
+        "image_size": 32, "widths": (8, 8, 16, 16), "head": (16, 8), "n_spheres": 3, "gamma": 0.3,
+        "pretext_epochs": 1, "ad_epochs": 1, "batch_size": 8,
+    }
+    result = train(
+        TrainOptions(
+            method="self_taught", data=str(tmp_path / "shards"), out=str(tmp_path / "run"), preset="tiny",
+            overrides=small, workers=2, cpus_per_worker=0.5, wandb=False, progress=False,
+            # A metric on which the pretext stage wins (its InfoNCE loss is far above the sphere
+            # loss): the best checkpoint must still come from the last stage, the method trained.
+            metric="val_loss", mode="max",
+        )
+    )
+    assert [h["stage"] for h in result.history] == ["pretext", "ad"]
+    pretext, ad = result.history
     # rank 0 saw about half of the train split (Ray Data's streaming split)
-    assert 0 < entry["train_samples"] < split_count(digits, "train")
-    assert np.isfinite(entry["train_loss"]) and "val_auroc" in entry
+    assert 0 < ad["train_samples"] < split_count(tmp_path / "shards", "train")
+    assert pretext["val_loss"] > ad["val_loss"]
+    assert result.best_metrics["stage"] == "ad" and result.best_metrics["epoch"] == ad["epoch"]
+    assert ckpt.load(result.best_checkpoint).method.centers_ready
+    assert 0 < ad["train_labelled_fraction"] < 0.5  # known anomalies, counted over both workers
+    assert np.isfinite(ad["train_loss"]) and "val_auroc" in ad
+    model = ckpt.load(result.path).method
+    assert bool(model.centers_ready) and 1 <= int(model.active.sum()) <= 3
 
 
 def test_a_client_driver_gets_its_progress_lines_through_a_ray_queue(ray_local, monkeypatch, capsys):
