@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--slices", nargs="*", default=[],
                         help="2D autoencoders on axial slices, as --ae (the demo's: 'demo 2D:tiny:epochs=6')")
     parser.add_argument("--min-foreground", type=float, default=0.2)
+    parser.add_argument("--std-floors", nargs="*", type=float, default=[1.0],
+                        help="reference_std_floor values to score the 3D maps with (the first is unlabelled)")
     parser.add_argument("--out", default=str(RESULTS / "ae3d_maps_experiment.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -122,7 +124,11 @@ def main() -> None:
             for kind in MAPS:
                 model.config.map_reference = kind
                 model.fit_reference([{"image": b} for b in torch.from_numpy(data["train"])[:, None].split(8)])
-                record(f"AE3D {label} [{kind}]", seed, {**score(model, data), "train_mse": mse, "wall_s": wall})
+                for std_floor in args.std_floors if kind != "none" else [None]:
+                    if std_floor is not None:
+                        model.config.reference_std_floor = std_floor
+                    suffix = "" if std_floor in (None, args.std_floors[0]) else f" floor {std_floor:g}"
+                    record(f"AE3D {label} [{kind}{suffix}]", seed, {**score(model, data), "train_mse": mse, "wall_s": wall})
         for text in args.slices:
             label, preset, overrides = parse_variant(text)
             model = methods.get("autoencoder").build(preset, **{**overrides, "image_size": args.size, "seed": seed,
@@ -149,6 +155,8 @@ def main() -> None:
         if not name.endswith("]") or name.endswith("[none]"):
             continue
         raw = name.rsplit("[", 1)[0] + "[none]"
+        if raw not in results:
+            continue
         for other in (raw, "voxel_zscore"):
             for key in ("auroc", "pixel_ap"):
                 common = sorted(set(results[name]) & set(results[other]))
