@@ -27,10 +27,11 @@ import json
 import math
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from medood.platform.demo import DemoRun
 
 RESULTS = Path(__file__).parent / "results"
 LEDGER = RESULTS / "accuracy_ledger.jsonl"
@@ -52,19 +53,13 @@ SLICES = {"slice_axis": 2, "min_foreground": 0.2}
 
 
 @dataclass(frozen=True)
-class Run:
-    name: str
-    method: str
-    dataset: str
-    preset: str = "tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    data_options: dict[str, Any] = field(default_factory=dict)
-    floor: bool = False
+class Run(DemoRun):
     # Extra scores of the same trained model: label -> config overrides applied to its checkpoint.
     rescore: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def key(self, seed: int) -> str:
-        blob = json.dumps({**asdict(self), "seed": seed, "data": DATASETS[DATASET_OF_VIEW[self.dataset]]}, sort_keys=True, default=str)
+        spec = {k: v for k, v in asdict(self).items() if k != "mood"}  # the benchmark writes no MOOD folders
+        blob = json.dumps({**spec, "seed": seed, "data": DATASETS[DATASET_OF_VIEW[self.dataset]]}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -217,9 +212,9 @@ def _run_all(runs: list[Run], args: argparse.Namespace, ledger: dict[str, dict])
     from medood.platform import checkpoint as ckpt
     from medood.platform.data.ingest import ingest
     from medood.platform.data.synthetic import synthesize
+    from medood.platform.demo import train_run
     from medood.platform.evaluate import evaluate
     from medood.platform.jobs import ensure_ray
-    from medood.platform.train import TrainOptions, train
 
     work = Path(args.work or tempfile.mkdtemp(prefix="medood-accuracy-"))
     os.environ.setdefault("MEDOOD_HOME", str(work / "home"))
@@ -241,14 +236,7 @@ def _run_all(runs: list[Run], args: argparse.Namespace, ledger: dict[str, dict])
                 ingest(layout, raw, shards, seed=seed, splits=splits, train_anomalies=train_anomalies, progress=False)
             slug = f"seed{seed}/{run.dataset}/{run.name.replace(' ', '_')}"
             print(f"== {run.dataset} / {run.name} / seed {seed}", flush=True)
-            t0 = time.perf_counter()
-            result = train(
-                TrainOptions(
-                    method=run.method, data=str(shards), out=str(work / "runs" / slug), preset=run.preset,
-                    overrides={**run.overrides, "seed": seed}, data_options=run.data_options, wandb=False,
-                )
-            )
-            wall = time.perf_counter() - t0
+            result, wall = train_run(run, shards, work / "runs" / slug, seed=seed, wandb=False)
             entries = {run.name: (result.path, wall)}
             for index, (label, changes) in enumerate(run.rescore.items()):
                 # The same trained weights and calibration, scored another way (a config switch).

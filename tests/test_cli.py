@@ -25,15 +25,33 @@ def medood(*args: str, check: bool = True, cwd: Path | None = None) -> subproces
     return proc
 
 
-def test_synth_train_evaluate(tmp_path):
+def medood_here(capsys, *args: str) -> tuple[int, str, str]:
+    """``medood *args`` in this process (for commands that fail or finish before Ray starts): exit code, stdout, stderr."""
+    from medood.platform import cli
+
+    argv = sys.argv
+    sys.argv = ["medood", *args]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        sys.argv = argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_synth_train_evaluate(tmp_path, capsys):
     shards = tmp_path / "shards"
-    synth = medood(
-        "data", "synth", "digitanatomy", str(tmp_path / "raw"), "--n-train", "40", "--n-test", "30",
+    # The data commands run in this process (they start no Ray); train and evaluate as a user runs them.
+    code, out, _ = medood_here(
+        capsys, "data", "synth", "digitanatomy", str(tmp_path / "raw"), "--n-train", "40", "--n-test", "30",
         "--size", "32", "--shards", str(shards), "--no-progress",
     )
-    assert "files seen" in synth.stdout
-    info = medood("data", "info", str(shards), "--json")
-    counts = json.loads(info.stdout)["counts"]
+    assert code == 0 and "files seen" in out
+    code, out, _ = medood_here(capsys, "data", "info", str(shards), "--json")
+    counts = json.loads(out)["counts"]
     assert counts["train"]["abnormal"] == 0 and counts["test"]["abnormal"] > 0 and counts["val"]["abnormal"] > 0
 
     run = tmp_path / "runs" / "ae"
@@ -52,17 +70,19 @@ def test_synth_train_evaluate(tmp_path):
     assert (out / "report.md").is_file() and (out / "roc.png").is_file()
 
 
-def test_methods_lists_fields_and_defaults():
-    listed = json.loads(medood("methods", "--json").stdout)
+def test_methods_lists_fields_and_defaults(capsys):
+    code, out, _ = medood_here(capsys, "methods", "--json")
+    assert code == 0
+    listed = json.loads(out)
     assert {"autoencoder", "squid", "mae_classifier"} <= set(listed)
     assert listed["autoencoder"]["fields"]["score"] == {"paper": "mse", "tiny": "mse"}
 
 
-def test_usage_errors_name_the_valid_values(tmp_path):
-    proc = medood("train", "--method", "nope", "--data", str(tmp_path), check=False)
-    assert proc.returncode == 2
-    assert "unknown method 'nope'; known:" in proc.stderr and "autoencoder" in proc.stderr
-    proc = medood("train", "--method", "autoencoder", "--data", str(tmp_path), "--set", "bogus=1", check=False)
-    assert proc.returncode == 2 and "unknown config key(s) 'bogus'" in proc.stderr
-    proc = medood("ingest", "--layout", "moood", str(tmp_path), str(tmp_path / "o"), check=False)
-    assert proc.returncode == 2 and "unknown layout 'moood'; known:" in proc.stderr + proc.stdout
+def test_usage_errors_name_the_valid_values(tmp_path, capsys):
+    code, _, stderr = medood_here(capsys, "train", "--method", "nope", "--data", str(tmp_path))
+    assert code == 2
+    assert "unknown method 'nope'; known:" in stderr and "autoencoder" in stderr
+    code, _, stderr = medood_here(capsys, "train", "--method", "autoencoder", "--data", str(tmp_path), "--set", "bogus=1")
+    assert code == 2 and "unknown config key(s) 'bogus'" in stderr
+    code, out, stderr = medood_here(capsys, "ingest", "--layout", "moood", str(tmp_path), str(tmp_path / "o"))
+    assert code == 2 and "unknown layout 'moood'; known:" in stderr + out

@@ -42,6 +42,16 @@ def test_uris_with_credentials_are_refused_without_echoing_them():
         assert SECRET_KEY not in str(error.value)
 
 
+def test_other_schemes_are_refused_by_name_not_taken_for_local_folders(tmp_path):
+    from medood.platform import storage
+
+    for uri in ("gs://bucket/shards", "hdfs://namenode/shards", "GS://bucket/shards"):
+        with pytest.raises(ValueError, match=r"(?i)gs:// locations are not supported|hdfs:// locations are not supported"):
+            storage.location(uri)
+    assert not list(tmp_path.iterdir()) and not Path("gs:").exists()
+    assert storage.location(f"file://{tmp_path}").uri == str(tmp_path)
+
+
 def test_local_paths_stay_local_paths(tmp_path):
     from medood.platform import storage
 

@@ -247,3 +247,18 @@ def test_two_workers_split_the_data_and_average_gradients(ray_local, digits, tmp
     # rank 0 saw about half of the train split (Ray Data's streaming split)
     assert 0 < entry["train_samples"] < split_count(digits, "train")
     assert np.isfinite(entry["train_loss"]) and "val_auroc" in entry
+
+
+def test_a_client_driver_gets_its_progress_lines_through_a_ray_queue(ray_local, monkeypatch, capsys):
+    """A Ray Client (ray://) driver is not on the Train controller's node, so the controller's callback puts
+    each line on a Ray queue (an actor) instead of a local file; the driver prints them all, in order."""
+    from medood.platform import progress
+
+    monkeypatch.setattr(progress, "on_client_driver", lambda: True)
+    printer = progress.ProgressPrinter("remote")
+    assert printer._path is None and not isinstance(printer.callback.sink, str)
+    reports = [{"epoch": e, "epochs_total": 3, "stage": "train", "train_loss": 1.0 / e, "epoch_time_s": 1.0} for e in (1, 2, 3)]
+    for m in reports:
+        printer.callback.after_report(None, [m], None)
+    printer.close()  # drains the queue before it stops
+    assert capsys.readouterr().out.splitlines() == [f"[remote] {progress.progress_line(m)}" for m in reports]

@@ -216,6 +216,8 @@ def _register_sweep_and_serve_commands() -> None:
     """`medood tune` and `medood serve` (their modules import Ray Tune / Serve only when a command runs)."""
     from medood.platform import serve, tune
 
+    if any(c.name == "tune" for c in app.registered_commands):  # main() ran before in this process
+        return
     app.command("tune", help=tune.tune_command.__doc__)(with_address(tune.tune_command))
     app.command("serve", help=serve.serve_command.__doc__)(with_address(serve.serve_command))
 

@@ -27,6 +27,8 @@ DATASETS = {
 
 @dataclass(frozen=True)
 class DemoRun:
+    """One training run on one data set (also the unit of ``benchmarks/accuracy.py``)."""
+
     name: str
     method: str
     dataset: str
@@ -59,7 +61,6 @@ def run_demo(out: str | Path, *, seed: int = 0, console: Console | None = None) 
     from medood.platform.data.synthetic import synthesize
     from medood.platform.evaluate import evaluate
     from medood.platform.jobs import ensure_ray
-    from medood.platform.train import TrainOptions, train
 
     console = console or Console()
     out = Path(out)
@@ -76,21 +77,8 @@ def run_demo(out: str | Path, *, seed: int = 0, console: Console | None = None) 
     rows = []
     for run in DEMO_RUNS:
         console.rule(f"train: {run.name}")
-        t0 = time.perf_counter()
-        result = train(
-            TrainOptions(
-                method=run.method,
-                data=str(shards[run.dataset]),
-                out=str(out / "runs" / run.name),
-                preset=run.preset,
-                overrides={**run.overrides, "seed": seed},
-                data_options=run.data_options,
-                val_every=1000,
-                wandb=True,
-                wandb_group="demo",
-            )
-        )
-        train_s = time.perf_counter() - t0
+        result, train_s = train_run(run, shards[run.dataset], out / "runs" / run.name, seed=seed, val_every=1000,
+                                    wandb=True, wandb_group="demo")
         console.rule(f"evaluate: {run.name}")
         eval_dir = out / "eval" / run.name
         results = evaluate(
@@ -112,6 +100,20 @@ def run_demo(out: str | Path, *, seed: int = 0, console: Console | None = None) 
         )
     )
     return report
+
+
+def train_run(run: DemoRun, shards: str | Path, out: str | Path, *, seed: int, **options: Any) -> tuple[Any, float]:
+    """Train ``run`` on ``shards`` into ``out`` with Ray Train (``options``: more ``TrainOptions``); result and seconds."""
+    from medood.platform.train import TrainOptions, train
+
+    started = time.perf_counter()
+    result = train(
+        TrainOptions(
+            method=run.method, data=str(shards), out=str(out), preset=run.preset,
+            overrides={**run.overrides, "seed": seed}, data_options=run.data_options, **options,
+        )
+    )
+    return result, time.perf_counter() - started
 
 
 def findings(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -65,16 +65,21 @@ class ProgressCallback(UserCallback):
             self.sink.put(line)
 
 
+def on_client_driver() -> bool:
+    """Whether this driver is a Ray Client (``ray://``): then it is not on the Train controller's node."""
+    import ray
+
+    return ray.util.client.ray.is_connected()
+
+
 class ProgressPrinter:
     """Driver side: a thread printing, prefixed with the run's name, the lines the controller's callback writes."""
 
     def __init__(self, run_name: str) -> None:
-        import ray
-
         self.prefix = f"[{run_name}] "
         self._queue = None
         self._path: str | None = None
-        if ray.util.client.ray.is_connected():
+        if on_client_driver():
             from ray.util.queue import Queue
 
             self._queue = Queue(actor_options={"num_cpus": 0})

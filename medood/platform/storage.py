@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,13 +39,16 @@ import pyarrow.fs as pafs
 
 __all__ = ["Location", "is_uri", "location", "scratch_folder", "staged_folder"]
 
-URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+#: The schemes medood reads and writes (and tests against a real server): S3 and S3-compatible stores.
+#: pyarrow knows more (gs://, hdfs://, abfs://); they are refused by name rather than half supported.
+URI_SCHEMES = ("s3", "file")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
 def is_uri(path: str | os.PathLike[str]) -> bool:
-    """True for ``scheme://...`` names of a filesystem pyarrow knows (``s3://bucket/prefix``)."""
+    """True for ``scheme://...`` (``s3://bucket/prefix``); a local path never holds ``://`` after a scheme."""
     scheme, sep, _ = str(path).partition("://")
-    return bool(sep) and scheme.lower() in URI_SCHEMES
+    return bool(sep) and _SCHEME.fullmatch(scheme) is not None
 
 
 def location(path: str | os.PathLike[str] | Location) -> Location:
@@ -68,8 +72,10 @@ def location(path: str | os.PathLike[str] | Location) -> Location:
         return location(rest)
     if scheme == "s3":
         return Location(_s3_filesystem(*_s3_settings(rest.split("/", 1)[0])), rest.rstrip("/"), "s3")
-    filesystem, inner = pafs.FileSystem.from_uri(text)
-    return Location(filesystem, inner.rstrip("/"), scheme)
+    raise ValueError(
+        f"{scheme}:// locations are not supported; use a local path (or a shared mount such as NFS) or "
+        "s3://bucket/prefix (S3, or an S3-compatible store named by AWS_ENDPOINT_URL)"
+    )
 
 
 @dataclass(frozen=True)
