@@ -21,6 +21,8 @@ from medood.platform.train import fit_reference, step_optimizers, validate
 
 ALL = methods.names()
 TRAINABLE = [n for n in ALL if methods.get(n).trainable]
+# Scoring options with state of their own (fitted in fit_reference), checked by the scoring tests too.
+VARIANTS = {"autoencoder:map_reference=residual": ("autoencoder", {"map_reference": "residual"})}
 
 
 # The contract is about behaviour, not size: joint_embedding's tiny preset feeds 16 slices of every
@@ -30,7 +32,8 @@ CONTRACT_OVERRIDES = {"joint_embedding": {"n_slices": 4}}
 
 def tiny(name: str) -> AnomalyMethod:
     torch.manual_seed(0)
-    return methods.get(name).build("tiny", **CONTRACT_OVERRIDES.get(name, {}))
+    method, overrides = VARIANTS.get(name, (name, {}))
+    return methods.get(method).build("tiny", **{**CONTRACT_OVERRIDES.get(method, {}), **overrides})
 
 
 def batch_for(method: AnomalyMethod, n: int = 4) -> dict:
@@ -95,7 +98,7 @@ def test_training_steps_lower_the_loss(name):
         assert after < before, f"{name}/{stage.name}: loss {before:.4f} -> {after:.4f}"
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL + list(VARIANTS))
 def test_score_shapes_and_checkpoint_round_trip(name):
     method = tiny(name)
     batch = batch_for(method, n=3)
@@ -134,7 +137,7 @@ class _Shard:
             yield {"image": self.image[start:stop], "label": self.labels[start:stop], "id": ids}
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL + list(VARIANTS))
 def test_validation_changes_no_state(name):
     """Validation, calibration and scoring leave parameters, buffers, queues, counters, mode and RNGs as they were."""
     method = tiny(name)

@@ -5,10 +5,23 @@ The reference every method from the papers must beat, and seed 001's "no masking
 reconstruction error on normal images; the anomaly score is the reconstruction error of a test
 image, by MSE, MAE or 1 - SSIM (``score``), and the map is the per-pixel / per-voxel error.
 The network is MONAI's ``AutoEncoder`` (strided convolutions down, transposed convolutions up).
+
+``map_reference`` (our addition, not a paper setting; ``paper`` keeps ``none``): the raw error map of
+a small, blurry autoencoder is dominated by edges and anatomy that it never reconstructs, normal or
+not. With ``error`` or ``residual``, ``fit_reference`` fits the per-pixel / per-voxel mean and
+standard deviation of the reconstruction error (``error``: the ``score``'s error, e.g. the squared
+error) or of the signed residual ``image - reconstruction`` (``residual``) over the normal training
+cases; the map is then that error standardised, ``(e - mean) / max(std, floor)``, and the sample
+score the mean of the map's top ``top_fraction`` (the robust maximum of the voxel z-score floor).
+``floor`` is ``reference_std_floor`` times the mean standard deviation over the image: the error's
+scale depends on the score (squared errors are small), so the floor is relative. ``error`` clips the
+map at 0 (an error below the normal one is not anomalous); ``residual`` takes the absolute value (a
+residual too dark or too bright both are).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +29,14 @@ from monai.networks.nets import AutoEncoder as MonaiAutoEncoder
 from torch import Tensor
 
 from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, register
-from medood.methods.components.reconstruction_scores import RECONSTRUCTION_SCORES, reconstruction_scores
+from medood.methods.components.reconstruction_scores import (
+    RECONSTRUCTION_SCORES,
+    reconstruction_error,
+    reconstruction_scores,
+)
+from medood.methods.components.voxel_reference import top_fraction_mean, voxel_moments
+
+MAP_REFERENCES = ("none", "error", "residual")
 
 
 @dataclass
@@ -31,12 +51,22 @@ class Config(BaseConfig):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     score: str = "mse"
+    # Reference-standardised map (module docstring); "none" = the raw error map (the paper's).
+    map_reference: str = "none"
+    reference_std_floor: float = 1.0  # times the mean per-voxel std of the reference
+    top_fraction: float = 0.01  # sample score with a map reference: mean of the map's top 1%
 
     def validate(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.score not in RECONSTRUCTION_SCORES:
             raise ValueError(f"score must be one of {', '.join(RECONSTRUCTION_SCORES)}, got {self.score!r}")
+        if self.map_reference not in MAP_REFERENCES:
+            raise ValueError(f"map_reference must be one of {', '.join(MAP_REFERENCES)}, got {self.map_reference!r}")
+        if self.reference_std_floor <= 0:
+            raise ValueError(f"reference_std_floor must be > 0, got {self.reference_std_floor}")
+        if not 0 < self.top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if len(self.channels) != len(self.strides):
             raise ValueError(f"channels {self.channels} and strides {self.strides} must have the same length")
         factor = 1
@@ -69,6 +99,13 @@ class Autoencoder(AnomalyMethod):
             num_res_units=config.num_res_units,
             norm="BATCH",
         )
+        if config.map_reference != "none":
+            # fit_reference's statistics; in the state dict so a checkpoint scores alone. Only with a
+            # reference, so checkpoints of the raw-map autoencoder keep their keys.
+            shape = (1, config.in_channels) + (config.image_size,) * config.spatial_dims
+            self.register_buffer("reference_mean", torch.zeros(shape))
+            self.register_buffer("reference_std", torch.ones(shape))
+            self.register_buffer("reference_fitted", torch.tensor(False))
 
     def stages(self) -> list[Stage]:
         return [Stage("train", self.config.epochs)]
@@ -83,8 +120,40 @@ class Autoencoder(AnomalyMethod):
         image = batch["image"]
         return {"loss": torch.nn.functional.mse_loss(self.reconstruct(image), image)}
 
+    def _error(self, image: Tensor) -> Tensor:
+        """The per-channel error that ``map_reference`` standardises (B, C, *spatial)."""
+        reconstruction = self.reconstruct(image)
+        if self.config.map_reference == "residual":
+            return image - reconstruction
+        return reconstruction_error(image, reconstruction, self.config.score)
+
+    @torch.no_grad()
+    def fit_reference(self, batches: Iterable[Batch]) -> None:
+        """With a ``map_reference``: the per-voxel mean and std of the error over the normal training cases."""
+        if self.config.map_reference == "none":
+            return
+        was_training = self.training
+        self.eval()  # frozen BatchNorm statistics, whoever calls
+        try:
+            mean, std, n = voxel_moments(self._error(b["image"]) for b in batches)
+        finally:
+            self.train(was_training)
+        if not n:
+            raise ValueError("autoencoder: fit_reference got no normal training images")
+        self.reference_mean.copy_(mean.to(self.reference_mean.dtype))
+        self.reference_std.copy_(std.to(self.reference_std.dtype))
+        self.reference_fitted.fill_(True)
+
     @torch.no_grad()
     def score(self, batch: Batch) -> Scores:
         image = batch["image"]
-        sample, error_map = reconstruction_scores(image, self.reconstruct(image), self.config.score)
-        return Scores(sample=sample, map=error_map)
+        if self.config.map_reference == "none":
+            sample, error_map = reconstruction_scores(image, self.reconstruct(image), self.config.score)
+            return Scores(sample=sample, map=error_map)
+        if not bool(self.reference_fitted):
+            raise RuntimeError("autoencoder: map_reference needs fit_reference on normal training images before score")
+        floor = self.config.reference_std_floor * self.reference_std.mean()
+        z = (self._error(image) - self.reference_mean) / self.reference_std.clamp_min(floor)
+        z = z.abs() if self.config.map_reference == "residual" else z.clamp_min(0)
+        amap = z.mean(dim=1, keepdim=True)
+        return Scores(sample=top_fraction_mean(amap, self.config.top_fraction), map=amap)

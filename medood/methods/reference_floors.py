@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, register
+from medood.methods.components.voxel_reference import top_fraction_mean, voxel_moments
 
 
 class _TrainingFree(AnomalyMethod):
@@ -135,18 +136,11 @@ class VoxelZScore(_TrainingFree):
 
     @torch.no_grad()
     def fit_reference(self, batches: Iterable[Batch]) -> None:
-        total, total_sq, n = None, None, 0
-        for b in batches:
-            x = b["image"].double()
-            total = x.sum(0, keepdim=True) if total is None else total + x.sum(0, keepdim=True)
-            total_sq = (x**2).sum(0, keepdim=True) if total_sq is None else total_sq + (x**2).sum(0, keepdim=True)
-            n += x.shape[0]
+        mean, std, n = voxel_moments(b["image"] for b in batches)
         if not n:
             raise ValueError("voxel_zscore: fit_reference got no normal training volumes")
-        mean = total / n
-        var = (total_sq / n - mean**2).clamp_min(0)
         self.mean.copy_(mean.to(self.mean.dtype))
-        self.std.copy_(var.sqrt().to(self.std.dtype))
+        self.std.copy_(std.to(self.std.dtype))
         self.fitted.fill_(True)
 
     @torch.no_grad()
@@ -154,7 +148,4 @@ class VoxelZScore(_TrainingFree):
         self._check_fitted()
         image = batch["image"].float()
         z = (image - self.mean).abs() / self.std.clamp_min(self.config.std_floor)
-        flat = z.flatten(1)
-        k = max(1, int(round(self.config.top_fraction * flat.shape[1])))
-        sample = flat.topk(k, dim=1).values.mean(1)
-        return Scores(sample=sample, map=z.sum(1, keepdim=True))
+        return Scores(sample=top_fraction_mean(z, self.config.top_fraction), map=z.sum(1, keepdim=True))

@@ -18,6 +18,12 @@ def reconstruction_scores(image: Tensor, reconstruction: Tensor, kind: str = "ms
     ``ssim`` scores 1 - SSIM with MONAI's Gaussian-window SSIM (11 px window, sigma 1.5, data range 1);
     its map is 1 - the local SSIM, zero-padded back to the input size.
     """
+    error_map = reconstruction_error(image, reconstruction, kind).mean(dim=1, keepdim=True)
+    return error_map.flatten(1).mean(dim=1), error_map
+
+
+def reconstruction_error(image: Tensor, reconstruction: Tensor, kind: str = "mse") -> Tensor:
+    """The per-channel error (B, C, *spatial) that ``reconstruction_scores`` averages over channels."""
     if kind == "mse":
         error = (image - reconstruction) ** 2
     elif kind == "mae":
@@ -26,8 +32,7 @@ def reconstruction_scores(image: Tensor, reconstruction: Tensor, kind: str = "ms
         error = _ssim_error_map(image, reconstruction)
     else:
         raise ValueError(f"unknown reconstruction score {kind!r}; known: {', '.join(RECONSTRUCTION_SCORES)}")
-    error_map = error.mean(dim=1, keepdim=True)
-    return error_map.flatten(1).mean(dim=1), error_map
+    return error
 
 
 def _ssim_error_map(image: Tensor, reconstruction: Tensor) -> Tensor:
