@@ -387,22 +387,6 @@ def test_three_dimensional_volumes() -> None:
     assert scores.sample.shape == (2,) and scores.map.shape == (2, 1, 16, 16, 16)
 
 
-def test_classifier_stage_warms_up_then_decays_by_a_cosine() -> None:
-    method = MAEClassifier.build("tiny", classifier_epochs=6, classifier_warmup_epochs=2, classifier_lr=1e-3)
-    optimizers = method.configure_optimizers("classifier")
-    schedulers = method.configure_schedulers("classifier", optimizers)
-    lrs = []
-    for _ in range(6):
-        lrs.append(optimizers["main"].param_groups[0]["lr"])
-        optimizers["main"].step()  # no gradients: changes nothing, keeps torch's step order
-        schedulers["main"].step()
-    expected = [5e-4, 1e-3] + [1e-3 * 0.5 * (1 + np.cos(np.pi * e / 4)) for e in range(4)]
-    assert np.allclose(lrs, expected)
-    # The paper preset: the released fine-tuning code's 5 warm-up epochs of its 100.
-    paper = MAEClassifier.Config()
-    assert (paper.classifier_warmup_epochs, paper.classifier_epochs) == (5, 100)
-
-
 def test_paper_preset_matches_the_paper() -> None:
     c = get("mae_classifier").make_config("paper")
     # Sec. 4.3: ViT-Base encoder (ViT-B/16 [11]: 768-d, 12 blocks, 12 heads), 224 x 224 x 1 input.
