@@ -34,14 +34,16 @@ Issue 9 diagnosis (``benchmarks/mae_classifier_variants.py``: the classifier tra
 reconstructions of the same MAEs; AUROC slice / volume-max; AE and pixel Mahalanobis floor as above):
 
     seed  10 ep, constant lr   25 ep, warm-up 2 + cosine   autoencoder    pixel Mahalanobis
-    0     BASE0                0.802 / 0.832               0.849 / 0.816  0.824 / 0.758
-    1     BASE1                0.798 / 0.831               0.860 / 0.832  0.819 / 0.801
+    0     0.801 / 0.842        0.802 / 0.832               0.849 / 0.816  0.824 / 0.758
+    1     0.794 / 0.844        0.798 / 0.831               0.860 / 0.832  0.819 / 0.801
     2     0.850 / 0.871        0.851 / 0.900               0.878 / 0.850  0.874 / 0.883
 
-25 epochs vs the AE: slice -0.045 [-0.089, -0.002], volume +0.022 [-0.043, +0.086] (mean [95%
-t-interval] of the paired differences); vs the floor: slice -0.022 [-0.024, -0.020], volume +0.040
-[-0.034, +0.115]. The classifier's accuracy on pseudo-anomalies is the same on training and held-out
-slices (0.86 / 0.865 at 10 epochs, seed 2; 0.88-0.89 at 25): no over-fitting; about 10% of the
+At 10 epochs (the preset) vs the AE: slice -0.047 [-0.095, -0.000], volume +0.020 [+0.002,
++0.037] (mean [95% t-interval] of the paired differences over seeds 0-2; above 0 by volume only);
+vs the floor: slice -0.024 [-0.026, -0.022], volume +0.038 [-0.081, +0.158]. 25 epochs with the
+released fine-tuning code's warm-up + cosine schedule changed slice AUROC by +0.001 to +0.004 and
+volume AUROC by -0.010, -0.013, +0.029: not adopted. The classifier's accuracy on
+pseudo-anomalies is the same on training and held-out slices (0.86 / 0.865 at 10 epochs, seed 2; 0.88-0.89 at 25): no over-fitting; about 10% of the
 positives change the image by less than 3 (sum of |X^' - X^|: boxes on the background, or beta
 near 1), and redrawing them (``pseudo_min_change=3``) left seed 2 at 0.846 / 0.872. Per type it is
 strong on copy_paste, permutation and sobel_filter (>= 0.95) and weak on intensity_blob (0.55-0.65),
