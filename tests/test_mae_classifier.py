@@ -192,6 +192,28 @@ def test_pseudo_abnormal_single_beta_per_box_or_per_pixel() -> None:
     assert ratio.std() > 0.05 and ratio.min() >= 0 and ratio.max() < 1
 
 
+def test_pseudo_abnormal_min_change_redraws_boxes_that_change_nothing() -> None:
+    # Left half background (0), right half tissue: a box wholly on the background changes nothing.
+    image = torch.zeros(1, 32, 32)
+    image[:, :, 24:] = 1.0
+    plain = PseudoAbnormalBoxes(k_range=(1, 1), box_size_range=(4, 4), seed=0)
+    unchanged = sum(float((plain(image) - image).abs().sum()) == 0.0 for _ in range(100))
+    assert unchanged > 50  # without the check, most draws are positives equal to their negative
+    checked = PseudoAbnormalBoxes(k_range=(1, 1), box_size_range=(4, 4), seed=0, min_change=2.0)
+    for _ in range(100):
+        out = checked(image)
+        assert float((out - image).abs().sum()) >= 2.0
+        (box,) = checked.boxes  # the boxes left on the instance are the ones applied
+        expected = image.clone()
+        expected[(slice(None), *box)] *= checked.betas[0]
+        assert torch.allclose(out, expected)
+    # An image nothing can change (all background) ends after max_redraws with the last draw.
+    empty = torch.zeros(1, 32, 32)
+    assert torch.equal(checked(empty), empty)
+    with pytest.raises(ValueError):
+        PseudoAbnormalBoxes(min_change=-1.0)
+
+
 def test_pseudo_abnormal_is_reproducible_and_works_on_batches_and_3d() -> None:
     batch = torch.rand(3, 1, 16, 16, 16)
     a = pseudo_abnormal_boxes(batch, PseudoAbnormalBoxes((1, 4), (2, 6), seed=7))

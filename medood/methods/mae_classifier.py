@@ -104,6 +104,10 @@ class Config(BaseConfig):
     k_range: tuple[int, int] = (1, 10)
     box_size_range: tuple[int, int] = (10, 40)
     beta_per_pixel: bool = False  # one beta per box; True = Sec. 4.5 ablation
+    # Not in the paper (0 = off): redraw a positive's boxes until they change X^ by at least this
+    # much in total (sum of |X^' - X^|), so that no positive equals its negative (a box on the
+    # background, or beta close to 1, changes nothing); see components/pseudo_abnormal.py.
+    pseudo_min_change: float = 0.0
 
     score: str = "classifier"  # classifier (Sec. 3.4) | mse | mae | ssim (Table 2a)
 
@@ -144,6 +148,8 @@ class Config(BaseConfig):
         s1, s2 = self.box_size_range
         if not 1 <= s1 <= s2:
             raise ValueError(f"box_size_range must be (s1, s2) with 1 <= s1 <= s2, got {self.box_size_range}")
+        if self.pseudo_min_change < 0:
+            raise ValueError(f"pseudo_min_change must be >= 0, got {self.pseudo_min_change}")
 
 
 class AnomalyClassifier(nn.Module):
@@ -348,7 +354,9 @@ class MAEClassifier(AnomalyMethod):
     def pseudo_abnormal_transform(self, seed: int) -> PseudoAbnormalBoxes:
         """A new pseudo-abnormal module (Sec. 3.3) with its own random state: never shared between calls."""
         c = self.config
-        return PseudoAbnormalBoxes(c.k_range, c.box_size_range, c.beta_per_pixel, seed=seed)
+        return PseudoAbnormalBoxes(
+            c.k_range, c.box_size_range, c.beta_per_pixel, seed=seed, min_change=c.pseudo_min_change
+        )
 
     # -- scoring ----------------------------------------------------------------------------
 
