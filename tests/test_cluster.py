@@ -489,11 +489,13 @@ def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
     test of the module: the cluster has one node afterwards."""
     assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
     run = shards["out"] / "run-node-loss"
-    epochs = 3
+    # Epochs long enough (64 px, 6 of them) that the kill lands while the run still trains: at 32 px an
+    # epoch takes under a second and the run could end before the node is gone (nothing left to resume).
+    epochs = 6
     job = cluster.submit([
         "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny", *TINY_AE,
-        "--set", f"epochs={epochs}", "--workers", "2", "--cpus-per-worker", "0.5", "--placement", "SPREAD",
-        "--max-failures", "2", "--out", str(run),
+        "--set", "image_size=64", "--set", f"epochs={epochs}", "--workers", "2", "--cpus-per-worker", "0.5",
+        "--placement", "SPREAD", "--max-failures", "2", "--out", str(run),
     ])
     deadline = time.monotonic() + 240
     while not checkpoint_registered(run) and time.monotonic() < deadline:
@@ -502,8 +504,9 @@ def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
     workers = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE" and a.get("job_id")]
     second_id = next(n["node_id"] for n in cluster_nodes(cluster) if n["node_ip"] and n["node_id"] and not n.get("is_head_node"))
     assert second_id in {a["node_id"] for a in workers}, "no worker on the second node"
-    killed_at = time.monotonic()
     (raylet,) = cluster.second.processes("/raylet ")
+    assert not (run / "run.json").exists(), "the run ended before the node could be killed"
+    killed_at = time.monotonic()
     os.kill(raylet, signal.SIGKILL)
     status, logs = cluster.wait(job, timeout_s=400)
     recovery_s = time.monotonic() - killed_at
@@ -512,8 +515,10 @@ def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
     history = result["history"]
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     resumed = [h["resumed_from_epoch"] for h in history]
-    assert max(resumed) >= 1, resumed  # the later epochs ran after a restore from a checkpoint
-    print(f"node loss: resumed from epoch {max(resumed)}, {recovery_s:.0f} s from the kill to the end")
+    restored = resumed[-1]  # the later epochs ran after a restore from a registered checkpoint
+    assert 1 <= restored < epochs and resumed[0] == 0 and resumed == sorted(resumed), resumed
+    assert all(r < h["epoch"] for r, h in zip(resumed, history)), resumed  # each restore is from an earlier epoch
+    print(f"node loss: resumed from epoch {restored}, {recovery_s:.0f} s from the kill to the end")
 
 
 def test_runtime_env_leaves_the_jobs_own_variables_to_the_job(monkeypatch):
