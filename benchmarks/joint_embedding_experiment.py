@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from accuracy import t_interval  # one t-interval for every benchmark
 
 from medood import methods
 from medood.platform import metrics
@@ -93,16 +93,6 @@ def score(model: methods.AnomalyMethod, data: dict) -> dict:
         per_type[kind] = metrics.auroc(labels[keep], sample[keep])
     return {"auroc": metrics.auroc(labels, sample), "pixel_ap": metrics.pixel_average_precision(data["masks"], voxel),
             "per_type": per_type}
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    from scipy import stats
-
-    n, mean = len(values), float(np.mean(values))
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from accuracy import t_interval  # one t-interval for every benchmark
 from sklearn.metrics import roc_auc_score
 
 from medood import methods
@@ -200,17 +201,6 @@ def metrics(scores: np.ndarray, data: dict[str, np.ndarray]) -> dict[str, float]
         keep = normal_slice | ((slice_type == kind) & (data["labels"] == 1))
         out[f"slice_{kind}"] = float(roc_auc_score(data["labels"][keep], scores[keep]))
     return out
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of ``values`` (the per-seed paired differences)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
-        return float(x.mean()), float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
 def summarise(rows: list[dict], name: str = "mae_classifier") -> None:

@@ -46,12 +46,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accuracy import t_interval  # one t-interval for every benchmark
 
 from medood.methods import get
 from medood.methods.base import AnomalyMethod
@@ -180,17 +180,6 @@ def one_seed(seed: int, args: argparse.Namespace) -> dict:
         floor.fit_reference(normal_reference(normals))
     out["pixel_mahalanobis"] = test_auroc(floor, data)
     return out
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    from scipy import stats
-
-    n = len(values)
-    mean = float(np.mean(values))
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, n - 1) * float(np.std(values, ddof=1)) / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 COMPARISONS = [

@@ -43,6 +43,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from accuracy import t_interval  # one t-interval for every benchmark
 
 from medood.methods import get
 from medood.methods.base import AnomalyMethod
@@ -289,18 +290,6 @@ def items_used(method: AnomalyMethod, images: torch.Tensor) -> dict[str, float]:
 
 
 # -- summary ------------------------------------------------------------------------------------
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and its 95% Student-t interval over seeds."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=float)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return mean, mean - half, mean + half
 
 
 def summarise(rows: list[dict]) -> dict:
