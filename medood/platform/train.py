@@ -288,20 +288,27 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                 begin_stage(model, stage.name, _torch_batches(train_shard, batch_size, device), world_size=world)
             for epoch in range(first_epoch, stage.epochs):
                 _seed_everything(int(config.seed) + 1000 * global_epoch + rank)
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.thread_time()
                 model.train()
                 sums: dict[str, float] = defaultdict(float)
                 counts: dict[str, int] = defaultdict(int)
                 samples = 0
                 known_anomalies = 0
-                for batch in train_shard.iter_batches(
+                data_wait = 0.0  # seconds this worker waited for its next batch (the data path's share)
+                batches = iter(train_shard.iter_batches(
                     batch_size=batch_size,
                     batch_format="numpy",
                     local_shuffle_buffer_size=loop["shuffle_buffer"] or None,
                     local_shuffle_seed=int(config.seed) + global_epoch,
                     drop_last=False,
-                ):
+                ))
+                while True:
+                    t_wait = time.perf_counter()
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
                     tb = to_torch_batch(batch, device)
+                    data_wait += time.perf_counter() - t_wait
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         losses = model(tb, stage.name)
                     step_optimizers(optimizers, losses, syncs=syncs)
@@ -324,6 +331,9 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                     "stage_index": stage_index,
                     "train_samples": samples,
                     "epoch_time_s": time.perf_counter() - t0,
+                    "epoch_data_wait_s": data_wait,
+                    # CPU seconds of the training thread: below epoch_time_s when it waited for a core or for data.
+                    "epoch_cpu_s": time.thread_time() - cpu0,
                     "resumed_from_epoch": start.get("resumed_from_epoch", 0),
                     # Semi-supervised runs: the known (labelled) anomalies in train, over all workers.
                     "train_labelled_fraction": labelled / max(seen, 1),
