@@ -198,6 +198,29 @@ def test_init_weights_load_from_a_moco_named_state_dict():
         assert torch.equal(a, c) and torch.equal(b, c)
 
 
+def test_init_weights_named_in_the_config_load_from_a_local_file(tmp_path):
+    source = build()
+    with torch.no_grad():
+        for p in source.encoder_q.parameters():
+            p.add_(0.5)
+    path = tmp_path / "moco_v2.pth.tar"
+    torch.save({"epoch": 200, "state_dict": {f"module.encoder_q.{k}": v for k, v in source.encoder_q.state_dict().items()}},
+               path)
+    method = build(init_weights=str(path))
+    for a, c in zip(method.encoder_q.state_dict().values(), source.encoder_q.state_dict().values(), strict=True):
+        assert torch.equal(a, c)
+    payload = method.to_checkpoint()
+    assert payload["config"]["init_weights"] == ""  # the weights travel in the state dict
+    path.unlink()
+    restored = methods.AnomalyMethod.from_checkpoint(payload)  # no weight file needed any more
+    assert torch.equal(restored.encoder_q.conv1.weight, source.encoder_q.conv1.weight)
+    with pytest.raises(ValueError, match=r"init_weights='.*moco_v2.pth.tar': no such file"):
+        build(init_weights=str(path))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch state dict"):
+        build(init_weights=str(path))
+
+
 # -- views -----------------------------------------------------------------------------------------
 
 

@@ -206,6 +206,27 @@ class AnomalyMethod(nn.Module):
         return method
 
 
+def read_state_dict(path: str, field_name: str) -> dict[str, Tensor]:
+    """Pretrained weights from a local file the user names in ``field_name`` (nothing is downloaded).
+
+    Accepts a bare state dict or one under ``state_dict`` / ``model`` (as training scripts save them);
+    tensors only (``weights_only``). A missing or unreadable file is a ``ValueError`` naming both.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{field_name}={path!r}: no such file (expected a local PyTorch state dict, "
+                         "e.g. saved with torch.save(model.state_dict(), FILE))") from None
+    except Exception as error:  # pickle errors, truncated zip archives, non-tensor payloads
+        raise ValueError(f"{field_name}={path!r}: not a readable PyTorch state dict ({error})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{field_name}={path!r}: expected a dict of tensors (a state dict)")
+    return state
+
+
 # -- registry -----------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[AnomalyMethod]] = {}

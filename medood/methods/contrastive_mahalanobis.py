@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from monai.networks.nets import ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import Tensor, nn
 
-from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Stage, register
+from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Stage, read_state_dict, register
 from medood.methods.components.feature_reference import COVARIANCES, FeatureReference, ReferenceScoring
 from medood.methods.components.views import color_jitter, imagenet_normalise, random_resized_crop
 
@@ -74,7 +75,7 @@ class Config(BaseConfig):
     covariance: str = "empirical"
     covariance_eps: float = 1e-6
     feature_layer: str = "avgpool"  # P Sec. 4.1: best from the average-pooled last layer
-    init_weights: str = ""  # a torchvision-layout state dict, loaded by the platform; "" = random init
+    init_weights: str = ""  # local file of a torchvision-layout ResNet state dict (P Sec. 3.2); "" = random init
     sensitivity_fraction: float = 0.1
 
     def validate(self) -> None:
@@ -138,6 +139,8 @@ class ContrastiveMahalanobis(ReferenceScoring, AnomalyMethod):
                                     nn.Linear(config.proj_hidden, config.proj_dim))
         self.encoder_k = copy.deepcopy(self.encoder_q).requires_grad_(False)
         self.head_k = copy.deepcopy(self.head_q).requires_grad_(False)
+        if config.init_weights:  # P Sec. 3.2: start from ImageNet (self-)supervised weights, a file the user names
+            self.load_init_weights(read_state_dict(config.init_weights, "init_weights"))
         queue = F.normalize(torch.randn(config.queue_size, config.proj_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -226,7 +229,7 @@ class ContrastiveMahalanobis(ReferenceScoring, AnomalyMethod):
         """Load a torchvision-layout ResNet state dict (e.g. MoCo v2's ``module.encoder_q.*``) into f_q and f_k.
 
         The thesis initialises from ImageNet self-supervised weights (P Sec. 3.2); which ones is not
-        stated. A classifier ``fc.*`` is skipped; the platform reads the file named by ``init_weights``.
+        stated. A classifier ``fc.*`` is skipped; the constructor reads the file named by ``init_weights``.
         """
         prefixes = ("module.encoder_q.", "encoder_q.", "module.", "backbone.")
         cleaned = {}
@@ -239,6 +242,12 @@ class ContrastiveMahalanobis(ReferenceScoring, AnomalyMethod):
                 cleaned[key] = value
         self.encoder_q.load_state_dict(cleaned, strict=True)
         self.encoder_k.load_state_dict(cleaned, strict=True)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        payload = super().to_checkpoint()
+        # The initial weights are in the state dict: loading a checkpoint needs no weight file.
+        payload["config"]["init_weights"] = ""
+        return payload
 
     # -- scoring ------------------------------------------------------------------------------
 

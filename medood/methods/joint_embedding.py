@@ -35,7 +35,7 @@ from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from monai.transforms import Rand3DElastic
 from torch import Tensor, nn
 
-from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, register
+from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, read_state_dict, register
 from medood.methods.components.hard_augmentations import (
     MIN_ANOMALY_VOXELS,
     CopyPaste,
@@ -249,9 +249,7 @@ def load_pretrained_2d(net: SliceNet, path: str) -> list[str]:
     an RGB first convolution is summed over its input channels, and the classifier (``fc``), whose
     shape differs, is left as initialised. Returns the names of the weights that were not loaded.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = read_state_dict(path, "pretrained_2d_path")
     own = net.net.state_dict()
     loaded, skipped = {}, []
     for key, value in state.items():
