@@ -86,3 +86,10 @@ def test_usage_errors_name_the_valid_values(tmp_path, capsys):
     assert code == 2 and "unknown config key(s) 'bogus'" in stderr
     code, out, stderr = medood_here(capsys, "ingest", "--layout", "moood", str(tmp_path), str(tmp_path / "o"))
     assert code == 2 and "unknown layout 'moood'; known:" in stderr + out
+    # auxiliary images: refused where the method reads none, asked for where it does
+    code, _, stderr = medood_here(capsys, "train", "--method", "autoencoder", "--data", str(tmp_path),
+                                  "--aux-data", str(tmp_path))
+    assert code == 2 and "--aux-data: autoencoder with these settings trains on no auxiliary images" in stderr
+    code, _, stderr = medood_here(capsys, "train", "--method", "dino_negatives", "--data", str(tmp_path),
+                                  "--set", "neg_source=both")
+    assert code == 2 and "name their shard folder with --aux-data SHARDS" in " ".join(stderr.split())

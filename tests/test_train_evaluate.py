@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -212,6 +213,43 @@ def test_mood_submission_and_the_reports_voxel_ap_agree(
     assert test_types and set(test_types) <= kinds  # the test split holds some of the generated types
     assert {k: v["n"] for k, v in results["per_type"].items()} == {k: test_types.count(k) for k in set(test_types)}
     assert "## Per anomaly type" in report
+
+
+def test_negatives_drawn_from_an_auxiliary_shard_folder(ray_local, digits, brain, tmp_path):
+    """dino_negatives with neg_source=aux trains on images of another ingested set (here brain slices for
+    digit images): its training step refuses to run without them, so a finished run proves they arrived."""
+    overrides = {"epochs": 1, "image_size": 32, "local_size": 16, "batch_size": 16, "neg_source": "aux"}
+    with pytest.raises(ValueError, match="--aux-data SHARDS"):
+        train(TrainOptions(method="dino_negatives", data=str(digits), out=str(tmp_path / "x"), preset="tiny",
+                           overrides=overrides, wandb=False))
+    run = train(TrainOptions(method="dino_negatives", data=str(digits), out=str(tmp_path / "aux"), preset="tiny",
+                             overrides=overrides, wandb=False, aux_data=str(brain)))
+    assert [h["epoch"] for h in run.history] == [1] and math.isfinite(run.history[0]["train_loss"])
+    assert json.loads((Path(run.path) / "run.json").read_text())["aux_data"] == str(brain)
+
+
+def test_auxiliary_images_come_n_at_a_time_round_the_set():
+    from medood.platform.train import _AuxiliaryImages
+
+    class Shard:  # Ray Data's DataIterator, as far as _AuxiliaryImages uses it
+        def __init__(self, n: int) -> None:
+            self.images = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)
+            self.passes = 0
+
+        def iter_batches(self, batch_size, **_):
+            self.passes += 1
+            for start in range(0, len(self.images), batch_size):
+                chunk = self.images[start:start + batch_size]
+                yield {"image": chunk, "label": np.zeros(len(chunk), np.int64), "id": [str(i) for i in chunk.flat]}
+
+    shard = Shard(7)
+    aux = _AuxiliaryImages(shard, 3, torch.device("cpu"), seed=0)
+    taken = [aux.take(n) for n in (4, 4, 4, 2)]
+    assert [len(t) for t in taken] == [4, 4, 4, 2]
+    assert torch.cat(taken).flatten().tolist() == [*range(7), *range(7)]  # every image once per pass, in turn
+    assert shard.passes == 2
+    with pytest.raises(ValueError, match="has no images"):
+        _AuxiliaryImages(Shard(0), 3, torch.device("cpu"), seed=0).take(1)
 
 
 def test_streaming_slices_patches_and_raw_arrays(ray_local, brain):

@@ -89,6 +89,19 @@ def test_plan_runs_the_valid_settings_and_names_the_rest(digits, tmp_path):
     assert trial_overrides(space, {"lr": 0.01, "score": "mae"}) == {"lr": 0.01, "score": "mae"}
 
 
+def test_rows_that_train_on_auxiliary_images_need_their_shards(digits, tmp_path):
+    without = make_plan(SweepOptions("dino_negatives", str(digits), ablation="neg_source", preset="tiny"), tmp_path / "n")
+    assert [s["label"] for s in without["ablation"]["settings"]] == ["in-distribution"]
+    assert [s["label"] for s in without["skipped"]] == ["auxiliary", "both"]
+    assert all("--aux-data" in s["reason"] for s in without["skipped"]) and without["aux_data"] is None
+    with_aux = make_plan(
+        SweepOptions("dino_negatives", str(digits), ablation="neg_source", preset="tiny", aux_data=str(digits)), tmp_path / "a"
+    )
+    assert len(with_aux["ablation"]["settings"]) == 3 and with_aux["aux_data"] == str(digits)
+    with pytest.raises(ValueError, match="auxiliary images.*--aux-data SHARDS"):
+        make_plan(SweepOptions("dino_negatives", str(digits), preset="tiny", overrides={"neg_source": "both"}), tmp_path / "s")
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

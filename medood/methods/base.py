@@ -157,6 +157,13 @@ class AnomalyMethod(nn.Module):
     def training_step(self, batch: Batch, stage: str) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    @classmethod
+    def uses_auxiliary_images(cls, config: Any) -> bool:
+        """Whether ``training_step`` reads ``batch["aux_image"]``: images of an auxiliary set (e.g. the
+        negatives' source in seed 002 ch. 6-7), one per training image, which the platform draws from
+        the shard folder the user names (``medood train --aux-data``). Default: no."""
+        return False
+
     def forward(self, batch: Batch, stage: str) -> dict[str, Tensor]:
         # DistributedDataParallel synchronises gradients only for calls that go through forward.
         return self.training_step(batch, stage)

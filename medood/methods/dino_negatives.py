@@ -240,6 +240,10 @@ class DinoNegatives(ReferenceScoring, AnomalyMethod):
         views += [self._view(image, c.local_size, c.local_scale, 0.5, 0.0) for _ in range(c.n_local)]
         return views
 
+    @classmethod
+    def uses_auxiliary_images(cls, config: Config) -> bool:
+        return config.lam > 0 and config.shift != "none" and config.neg_source in ("aux", "both")
+
     def negative_sources(self, batch: Batch) -> Tensor:
         c = self.config
         image = batch["image"].float()
@@ -248,7 +252,7 @@ class DinoNegatives(ReferenceScoring, AnomalyMethod):
         aux = batch.get("aux_image")
         if aux is None:
             raise ValueError(f"neg_source={c.neg_source!r} needs auxiliary images in batch['aux_image']; "
-                             "use neg_source='in_dist' or give the platform an auxiliary shard folder")
+                             "use neg_source='in_dist' or name an auxiliary shard folder (medood train --aux-data SHARDS)")
         aux = aux.float()
         if aux.shape[-2:] != image.shape[-2:]:  # resized to the in-distribution size before T (I Sec. 4.1)
             aux = F.interpolate(aux, size=image.shape[-2:], mode="bilinear", align_corners=False)

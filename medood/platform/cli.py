@@ -104,10 +104,15 @@ def train_command(
     sync_batchnorm: bool = typer.Option(
         False, "--sync-batchnorm", help="Batch-norm statistics over all workers (SyncBatchNorm; GPU workers)."
     ),
+    aux_data: str = typer.Option(
+        None, "--aux-data", help="Shard folder of auxiliary images (its train split), for methods that train on "
+        "them, e.g. dino_negatives with neg_source=aux or both."
+    ),
 ) -> None:
     """Train a method with Ray Train on streamed shards; resumes when the run folder exists."""
+    from medood import methods
     from medood.platform.jobs import ensure_ray
-    from medood.platform.train import TrainOptions, train
+    from medood.platform.train import TrainOptions, auxiliary_data, train
 
     options = TrainOptions(
         method=method,
@@ -126,8 +131,13 @@ def train_command(
         threshold_rule=threshold_rule,
         placement_strategy=placement.upper(),
         sync_batchnorm=sync_batchnorm,
+        aux_data=aux_data,
     )
-    options.resolved_config()  # fail fast on unknown method / keys, before Ray starts
+    config = options.resolved_config()  # fail fast on unknown method / keys, before Ray starts
+    if aux_data and not methods.get(method).uses_auxiliary_images(config):
+        raise ValueError(f"--aux-data: {method} with these settings trains on no auxiliary images "
+                         "(dino_negatives reads them with neg_source=aux or both)")
+    auxiliary_data(options, config)
     if options.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         raise ValueError(f"unknown placement {placement!r}; known: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD")
     ensure_ray()

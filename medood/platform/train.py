@@ -96,6 +96,9 @@ class TrainOptions:
     sync_batchnorm: bool = False  # multi-worker GPU runs: batch-norm statistics over all workers
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node)
     progress: bool = True  # one line per epoch on the driver
+    # Shard folder of an auxiliary image set for methods whose training reads batch["aux_image"]
+    # (``uses_auxiliary_images``, e.g. dino_negatives' negatives from another data set): its train split.
+    aux_data: str | None = None
 
     def resolved_config(self) -> Any:
         return methods.get(self.method).make_config(self.preset, self.overrides)
@@ -127,6 +130,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     spec = InputSpec.from_config(config, **options.data_options)
     manifest = read_manifest(options.data)
     metric, mode = _effective_metric(options, manifest)
+    aux_data = auxiliary_data(options, config)
 
     out = storage.location(options.out)  # a local folder or s3://bucket/prefix
     out.makedirs()
@@ -144,6 +148,10 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     if not methods.get(options.method).trainable:
         # Fitted on ``reference`` alone: no training split to hand out.
         del datasets["train"]
+    if aux_data:
+        # Preprocessed like the training images (same size, channels, intensity scaling); not split over
+        # the workers: each draws its own random auxiliary images, cycling through the set.
+        datasets["aux"] = training_datasets(aux_data, spec, seed=seed + 1, batch_size=4, with_val=False)["reference"]
     # The train split is split over the workers (``streaming_split``: a SplitCoordinator actor runs the
     # pipeline and hands each worker its blocks, every epoch). One worker gets the whole split anyway, so
     # it iterates the dataset itself: the same blocks in the same order, without that actor's start
@@ -232,6 +240,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
     tracker = _Tracker(loop["wandb"]) if rank == 0 else None
 
     train_shard = _maybe_shard("train")  # none for training-free methods
+    aux_shard = _maybe_shard("aux")
     reference = ray.train.get_dataset_shard("reference") if rank == 0 else None
     val = _maybe_shard("val") if rank == 0 else None
     batch_size = int(config.batch_size)
@@ -248,6 +257,8 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
         val_metrics, calibration = validate(
             model, reference, val, device, amp, batch_size, loop["calibration_samples"],
             stage=metrics["stage"] if total_epochs else None, threshold_rule=loop["threshold_rule"],
+            # the same auxiliary images at every validation, so val_loss compares across epochs
+            aux=_AuxiliaryImages(aux_shard, batch_size, device, seed=0) if aux_shard is not None else None,
         )
         metrics.update(val_metrics)
         if loop["metric"] in metrics:
@@ -302,12 +313,18 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                     local_shuffle_seed=int(config.seed) + global_epoch,
                     drop_last=False,
                 ))
+                aux_images = (
+                    _AuxiliaryImages(aux_shard, batch_size, device, seed=int(config.seed) + global_epoch)
+                    if aux_shard is not None else None
+                )
                 while True:
                     t_wait = time.perf_counter()
                     batch = next(batches, None)
                     if batch is None:
                         break
                     tb = to_torch_batch(batch, device)
+                    if aux_images is not None:
+                        tb["aux_image"] = aux_images.take(len(tb["id"]))
                     data_wait += time.perf_counter() - t_wait
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                         losses = model(tb, stage.name)
@@ -538,11 +555,13 @@ def validate(
     *,
     stage: str | None = None,
     threshold_rule: str = "youden",
+    aux: _AuxiliaryImages | None = None,
 ) -> tuple[dict[str, float], ckpt.Calibration]:
     """Calibration on normal training data, then val metrics; leaves the model exactly as it was.
 
     ``val_loss`` is ``training_step`` on the val cases that are not known anomalies, computed in eval
     mode (methods must not write state there; see ``medood.methods.base``); ``stage=None`` skips it.
+    Methods that train on auxiliary images get them from ``aux`` for that loss too.
     """
     with _evaluating(model):
         raw, map_values, seen = [], [], 0
@@ -578,7 +597,10 @@ def validate(
                 scores = model.score(tb)
                 known_normal = tb["label"] != 1
                 if stage is not None and bool(known_normal.any()):
-                    step_losses = model.training_step(_subset(tb, known_normal), stage)
+                    normals = _subset(tb, known_normal)
+                    if aux is not None:
+                        normals["aux_image"] = aux.take(len(normals["id"]))
+                    step_losses = model.training_step(normals, stage)
                     if "loss" in step_losses:
                         losses.append(float(step_losses["loss"]))
             labels.append(tb["label"].cpu().numpy())
@@ -640,6 +662,55 @@ def _ordered_ingest() -> Any:
 def _torch_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         yield to_torch_batch(batch, device)
+
+
+class _AuxiliaryImages:
+    """Auxiliary images, ``n`` at a time, in a seeded shuffled order, round and round the set."""
+
+    def __init__(self, shard: Any, batch_size: int, device: torch.device, *, seed: int) -> None:
+        self.shard, self.batch_size, self.device, self.seed = shard, batch_size, device, seed
+        self.stream = self._stream()
+        self.pending: torch.Tensor | None = None
+
+    def _stream(self) -> Iterator[torch.Tensor]:
+        passes = 0
+        while True:
+            found = False
+            for batch in self.shard.iter_batches(
+                batch_size=self.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * self.batch_size,
+                local_shuffle_seed=self.seed + passes,
+            ):
+                found = True
+                yield to_torch_batch(batch, self.device)["image"]
+            if not found:
+                raise ValueError("the auxiliary shard folder's train split has no images")
+            passes += 1
+
+    def take(self, n: int) -> torch.Tensor:
+        parts = [self.pending] if self.pending is not None else []
+        while sum(len(p) for p in parts) < n:
+            parts.append(next(self.stream))
+        joined = torch.cat(parts)
+        self.pending = joined[n:]
+        return joined[:n]
+
+
+def auxiliary_data(options: TrainOptions, config: Any) -> str | None:
+    """``options.aux_data`` when the method's training reads auxiliary images; a clear error when they are
+    needed and not named, or named and absent."""
+    needed = methods.get(options.method).uses_auxiliary_images(config)
+    if not needed:
+        return None  # a sweep may name one for the trials that use it; the others ignore it
+    if not options.aux_data:
+        raise ValueError(
+            f"{options.method} with these settings trains on auxiliary images (e.g. neg_source='aux' or 'both'): "
+            "name their shard folder with --aux-data SHARDS (any data set ingested with `medood data ingest`), "
+            "or use in-distribution negatives (--set neg_source=in_dist)"
+        )
+    counts = read_manifest(options.aux_data)["counts"]
+    if not int(counts.get("train", {}).get("total", 0)):
+        raise ValueError(f"--aux-data {options.aux_data}: its train split is empty (the auxiliary images are drawn from it)")
+    return options.aux_data
 
 
 def _subset(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
@@ -794,6 +865,7 @@ def _write_run_file(
         "preset": options.preset,
         "config": asdict(config),
         "data": storage.location(options.data).uri,
+        "aux_data": storage.location(options.aux_data).uri if options.aux_data else None,
         "input_spec": spec.to_dict(),
         "checkpoint": run.best_checkpoint,
         **{k: v for k, v in run.to_dict().items() if k != "path"},

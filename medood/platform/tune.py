@@ -96,6 +96,7 @@ class SweepOptions:
     resume: bool = False
     wandb: bool = True
     seed: int = 0  # seeds the sampling of the space
+    aux_data: str | None = None  # auxiliary image shards for the trials that train on them (TrainOptions.aux_data)
 
     def default_out(self) -> str:
         return str(Path("runs") / f"tune-{self.method}-{self.ablation or 'space'}")
@@ -213,6 +214,7 @@ def make_plan(options: SweepOptions, out: str | os.PathLike[str] | storage.Locat
         "preset": options.preset,
         "overrides": base,
         "data_options": dict(options.data_options),
+        "aux_data": storage.location(options.aux_data).uri if options.aux_data else None,
         "metric": metric,
         "mode": mode,
         "requested_metric": [options.metric, options.mode],
@@ -235,6 +237,10 @@ def make_plan(options: SweepOptions, out: str | os.PathLike[str] | storage.Locat
         if clash:
             raise ValueError(f"--set {', '.join(clash)} clashes with what ablation {ablation.name!r} sweeps")
         good, bad = spaces.valid_settings(ablation, options.method, options.preset, base)
+        if not options.aux_data:  # rows that train on auxiliary images are skipped, with the reason, without them
+            needs_aux = [s for s in good if cls.uses_auxiliary_images(cls.make_config(options.preset, {**base, **s.overrides}))]
+            good = [s for s in good if s not in needs_aux]
+            bad = bad + [(s, "trains on auxiliary images: name their shards with --aux-data") for s in needs_aux]
         if not good:
             reasons = "; ".join(f"{s.label}: {why}" for s, why in bad)
             raise ValueError(f"no setting of ablation {ablation.name!r} is valid for preset {options.preset!r}: {reasons}")
@@ -265,6 +271,11 @@ def make_plan(options: SweepOptions, out: str | os.PathLike[str] | storage.Locat
         rng = random.Random(options.seed)
         configs = [cls.make_config(options.preset, {**base, **search.sample(rng)}) for _ in range(16)]
     plan["max_t"] = max(total_epochs(options.method, c) for c in [base_config, *configs])
+    if not options.aux_data and any(cls.uses_auxiliary_images(c) for c in [base_config, *configs]):
+        raise ValueError(
+            f"this sweep trains {options.method} on auxiliary images (neg_source aux or both): "
+            "name their shard folder with --aux-data SHARDS"
+        )
     if scheduler == "asha" and options.grace_period > plan["max_t"]:
         raise ValueError(f"grace_period {options.grace_period} exceeds the runs' {plan['max_t']} epochs")
     return plan
@@ -310,6 +321,7 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         preset=plan["preset"],
         overrides=trial_overrides(plan, config),
         data_options=plan["data_options"],
+        aux_data=plan.get("aux_data"),  # sweeps planned before auxiliary data existed have none
         workers=int(plan["workers_per_trial"]),
         cpus_per_worker=int(plan["cpus_per_trial"]),
         gpus_per_worker=float(plan["gpus_per_trial"]),
@@ -919,6 +931,10 @@ def tune_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep in --out; its settings come from there."),
     no_wandb: bool = typer.Option(False, "--no-wandb", help="Turn Weights & Biases logging off."),
     seed: int = typer.Option(0, help="Seed of the space sampling."),
+    aux_data: str = typer.Option(
+        None, "--aux-data", help="Shard folder of auxiliary images for the trials that train on them "
+        "(dino_negatives with neg_source=aux or both, e.g. its ablation `negatives`)."
+    ),
 ) -> None:
     """Sweep a method's search space or one of its ablations with Ray Tune (one Ray Train run per trial)."""
     from rich.console import Console
@@ -952,6 +968,7 @@ def tune_command(
         resume=resume,
         wandb=not no_wandb,
         seed=seed,
+        aux_data=aux_data,
     )
     result = sweep(options)
     folder = storage.location(result.path)
