@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import re
 import secrets
 import shlex
 import shutil
@@ -537,14 +538,21 @@ def node_loss(cluster, shards):
     snapshot = read_json(f"{run}/checkpoint_manager_snapshot.json")
     checkpointed = len(snapshot["checkpoint_results"])  # epochs with a registered checkpoint at the kill
     ended_before_kill = storage.location(f"{run}/{ckpt.RUN_FILE}").exists()
+    reported_at_kill = _reported_epochs(cluster.client().get_job_logs(job), epochs)
     killed_at = time.monotonic()
     os.kill(raylet, signal.SIGKILL)
     status, logs = cluster.wait(job, timeout_s=400)
     return {
         "run": run, "epochs": epochs, "status": status, "logs": logs, "workers": workers, "nodes": nodes,
         "second_id": second_id, "ended_before_kill": ended_before_kill, "checkpointed_at_kill": checkpointed,
+        "reported_at_kill": reported_at_kill, "reported": _reported_epochs(logs, epochs),
         "kill_to_end_s": time.monotonic() - killed_at,
     }
+
+
+def _reported_epochs(logs: str, epochs: int) -> list[int]:
+    """The epochs a run reported, in order, from its progress lines (``epoch 3/6  train ...``)."""
+    return [int(m) for m in re.findall(rf"\bepoch (\d+)/{epochs}\b", logs)]
 
 
 @pytest.mark.cluster
@@ -573,9 +581,13 @@ def test_node_lost_mid_training_resumes_from_its_checkpoint(node_loss):
     restored = resumed[-1]  # the later epochs ran after a restore from a registered checkpoint
     assert 1 <= restored < epochs and resumed[0] == 0 and resumed == sorted(resumed), resumed
     assert all(r < h["epoch"] for r, h in zip(resumed, history)), resumed  # each restore is from an earlier epoch
+    reported = node_loss["reported"]  # every epoch reported, the ones trained again after the restore too
+    assert reported[-1] == epochs and set(reported) == set(range(1, epochs + 1)), reported
     print(
-        f"node loss: {node_loss['checkpointed_at_kill']} epoch(s) checkpointed at the kill, resumed from epoch "
-        f"{restored}, {node_loss['kill_to_end_s']:.0f} s from the kill to the end of the {epochs}-epoch run"
+        f"node loss: killed after epoch {max(node_loss['reported_at_kill'], default=0)} was reported "
+        f"({node_loss['checkpointed_at_kill']} checkpoint(s) registered); restored from epoch {restored}; "
+        f"epochs reported {reported} ({len(reported) - epochs} trained twice); "
+        f"{node_loss['kill_to_end_s']:.0f} s from the kill to the end of the {epochs}-epoch run"
     )
 
 
