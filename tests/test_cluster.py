@@ -515,7 +515,8 @@ def test_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(
 @pytest.fixture(scope="module")
 def node_loss(cluster, shards):
     """One 2-worker `medood train` job with ``--data`` and ``--out`` on S3 (Ray Train's storage_path):
-    once it has a registered checkpoint, the second node's raylet is killed (a crash). Ray Train
+    once it has a registered checkpoint, the second node crashes (its raylet and every other process
+    of it killed at once). Ray Train
     restarts the workers on what is left (SPREAD: both fit the head) from the latest checkpoint, read
     back from S3. The cluster has one node afterwards: the module's last tests use this."""
     run = f"{S3}/run"
@@ -535,12 +536,17 @@ def node_loss(cluster, shards):
     nodes = {n["node_id"]: n for n in cluster.state("nodes", "state=ALIVE")}
     (second_id,) = [i for i, n in nodes.items() if not n.get("is_head_node")]
     (raylet,) = cluster.second.processes("/raylet ")
+    crashed = {*cluster.second.processes(), *_descendants(raylet)}  # with the workers the raylet started
     snapshot = read_json(f"{run}/checkpoint_manager_snapshot.json")
     checkpointed = len(snapshot["checkpoint_results"])  # epochs with a registered checkpoint at the kill
     ended_before_kill = storage.location(f"{run}/{ckpt.RUN_FILE}").exists()
     reported_at_kill = _reported_epochs(cluster.client().get_job_logs(job), epochs)
     killed_at = time.monotonic()
-    os.kill(raylet, signal.SIGKILL)
+    # A crash: every process of the node at once (a raylet killed alone leaves its workers training on
+    # for a while, until they notice).
+    for pid in [raylet, *(crashed - {raylet})]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     status, logs = cluster.wait(job, timeout_s=400)
     return {
         "run": run, "epochs": epochs, "status": status, "logs": logs, "workers": workers, "nodes": nodes,
@@ -548,6 +554,24 @@ def node_loss(cluster, shards):
         "reported_at_kill": reported_at_kill, "reported": _reported_epochs(logs, epochs),
         "kill_to_end_s": time.monotonic() - killed_at,
     }
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process started by ``pid``, and by those, ... (Ray workers rename their command lines)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def _reported_epochs(logs: str, epochs: int) -> list[int]:
