@@ -143,3 +143,14 @@ def secret_free(paths: list[Path], max_bytes: int = 64 * 1024 * 1024) -> int:
             except (FileNotFoundError, PermissionError):  # a log rotated or a socket gone meanwhile
                 continue
     return scanned
+
+
+def object_versions(endpoint: str, prefix: str = "") -> dict[str, tuple[int, int]]:
+    """Every object under ``BUCKET/prefix`` with its size and modification time (ns), as ``bucket_files``
+    names them: an object written again shows a new time."""
+    import pyarrow.fs as pafs
+
+    s3 = pafs.S3FileSystem(endpoint_override=endpoint, region=REGION, access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+    base = f"{BUCKET}/{prefix}".rstrip("/")
+    infos = s3.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return {i.path.removeprefix(f"{base}/"): (i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File}
