@@ -32,8 +32,11 @@ def test_other_schemes_are_refused_by_name_not_taken_for_local_folders(tmp_path)
     assert storage.location(f"file://{tmp_path}").uri == str(tmp_path)
 
 
-def test_local_paths_stay_local_paths(tmp_path):
+def test_local_paths_stay_local_paths(tmp_path, monkeypatch):
     from medood.platform import storage
+
+    # With no region set, pyarrow asks AWS for the bucket's region (a network call, seconds to fail here).
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
 
     where = storage.location(tmp_path / "a" / ".." / "b")
     assert where.is_local and where.uri == str(tmp_path / "b") and where.ray_filesystem is None
