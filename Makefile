@@ -24,12 +24,12 @@ compile: $(STAMP)
 demo: compile
 	$(BIN)/medood demo --out runs/demo
 
-# The two-node cluster tests (issue 15) start and kill Ray nodes for several minutes: run them alone.
+# Everything, the two-node cluster tests (issue 15) included; `make test-cluster` runs those alone.
 test: compile
-	$(BIN)/python -m pytest -q -m "not cluster"
+	$(BIN)/python -m pytest -q
 
 test-cluster: compile
-	$(BIN)/python -m pytest -q -m cluster tests/test_cluster.py
+	$(BIN)/python -m pytest -q -m cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check medood tests benchmarks

@@ -22,3 +22,17 @@ def _ray_address_stays_the_tests_own():
         os.environ.pop("RAY_ADDRESS", None)
     else:
         os.environ["RAY_ADDRESS"] = before
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server (``tests/s3_server.py``) for the module, with the standard AWS variables
+    pointing at it while the module runs: a Ray started afterwards passes them to its workers."""
+    from s3_server import AWS_UNSET, aws_env, seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server, pytest.MonkeyPatch.context() as env:
+        for key in AWS_UNSET:
+            env.delenv(key, raising=False)
+        for key, value in aws_env(server["endpoint"]).items():
+            env.setenv(key, value)
+        yield server

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
+import pickle
+import re
 import secrets
 import shlex
 import shutil
@@ -22,15 +25,19 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from ports import free_port
-from run_folders import checkpoint_registered
+from run_folders import latest_checkpoint_epoch
+from s3_server import BUCKET, SECRET_KEY, bucket_files, object_versions, read_object, secret_free
 from typer.testing import CliRunner
 
-from medood.platform import jobs
+from medood.platform import checkpoint as ckpt
+from medood.platform import jobs, storage
+from medood.platform.cli import app
+from medood.platform.tune import RESULTS_CSV
 
 
 @pytest.fixture
@@ -111,11 +118,20 @@ def test_cli_unreachable_address_exits_2_naming_it(monkeypatch, tmp_path, capsys
     assert address in capsys.readouterr().err.replace("\n", "")
 
 
-# -- a real two-node Ray cluster on this machine (items 1 and 2) ----------------------------------
+def test_runtime_env_leaves_the_jobs_own_variables_to_the_job(monkeypatch):
+    # What `ray job submit --runtime-env-json '{"env_vars": {"WANDB_MODE": "disabled"}}'` gives its driver.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"WANDB_MODE": "disabled"}}}))
+    assert "WANDB_MODE" not in jobs.runtime_env()["env_vars"]
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert "WANDB_MODE" in jobs.runtime_env()["env_vars"]
+
+
+# -- a real two-node Ray cluster on this machine, with its storage on S3 (items 1, 2, 3 and 5) ------
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 RAY = str(Path(sys.executable).with_name("ray"))
+S3 = f"s3://{BUCKET}/cluster"  # shards, the Train run, the sweep, its evaluation and what serving loads
 
 
 class Node:
@@ -137,7 +153,11 @@ class Node:
                      f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
         else:
             args += ["--address", head_address]
-        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+        # The node's processes (and so the jobs' drivers and workers) start in its own folder: a URI taken
+        # for a local path by mistake would show there as a folder named "s3:".
+        self.cwd = root.with_name(root.name + "-cwd")
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(args, env=env, cwd=self.cwd, capture_output=True, text=True, timeout=180)
         if done.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -193,10 +213,8 @@ class Cluster:
     second: Node
     token: str
     env: dict[str, str]
-
-    @property
-    def gcs_address(self) -> str:
-        return f"127.0.0.1:{self.head.gcs_port}"
+    root: Path
+    jobs: list[str] = field(default_factory=list)
 
     @property
     def dashboard(self) -> str:
@@ -208,11 +226,14 @@ class Cluster:
         return JobSubmissionClient(self.dashboard, headers={"Authorization": f"Bearer {self.token}"})
 
     def submit(self, medood_args: list[str]) -> str:
-        """Submit ``medood <args>`` as a job, with the token."""
-        return self.client().submit_job(
+        """Submit ``medood <args>`` as a job, with the token. The job's runtime env holds no credentials:
+        the AWS variables come from the environment each node was started in."""
+        job = self.client().submit_job(
             entrypoint=" ".join([PYTHON, "-m", "medood.platform.cli", *map(shlex.quote, medood_args)]),
             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}},
         )
+        self.jobs.append(job)
+        return job
 
     def wait(self, job: str, timeout_s: float = 300) -> tuple[str, str]:
         """Wait for ``job`` to end; (status, logs) through the job API."""
@@ -223,7 +244,7 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         status = client.get_job_status(job)
         while status not in ended and time.monotonic() < deadline:
-            time.sleep(1)
+            time.sleep(0.5)
             status = client.get_job_status(job)
         if status not in ended:
             client.stop_job(job)
@@ -232,31 +253,33 @@ class Cluster:
     def run_job(self, medood_args: list[str], timeout_s: float = 300) -> tuple[str, str]:
         return self.wait(self.submit(medood_args), timeout_s)
 
-    def actors(self, class_name: str) -> list[dict]:
-        """Ray's state API, through the `ray list` command with the token."""
-        done = subprocess.run(
-            [RAY, "list", "actors", "--address", self.dashboard, "--filter", f"class_name={class_name}",
-             "--format", "json", "--limit", "100"],
-            env=self.env, capture_output=True, text=True, timeout=120,
-        )
+    def state(self, kind: str, *filters: str) -> list[dict]:
+        """Ray's state API (``ray list actors|nodes``), through the `ray` command with the token."""
+        args = [RAY, "list", kind, "--address", self.dashboard, "--format", "json", "--limit", "100"]
+        for condition in filters:
+            args += ["--filter", condition]
+        done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head (token authentication on) and a second node joined to it, 1 CPU each, on this machine."""
+def cluster(s3_server):
+    """A head (token authentication on) and a second node joined to it, 2 CPUs each, on this machine.
+    Both start in an environment holding the AWS variables of ``s3_server``, as every node of a real
+    cluster must (README, "Object storage")."""
     token = secrets.token_hex(16)
     root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
+    assert env["AWS_ENDPOINT_URL"] == s3_server["endpoint"]
     nodes: list[Node] = []
     try:
         head = Node(root / "h", env, num_cpus=2)
         nodes.append(head)
         second = Node(root / "n", env, head_address=f"127.0.0.1:{head.gcs_port}", num_cpus=2)
         nodes.append(second)
-        yield Cluster(head, second, token, env)
+        yield Cluster(head, second, token, env, root)
     finally:
         for node in reversed(nodes):
             node.stop()
@@ -264,37 +287,38 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def shards(cluster):
-    """``medood data synth`` + ingest of a small embedded set, as a job on the cluster."""
+def local_out():
+    """The test's local files: the raw scans (a scan is posted to the served model)."""
     out = Path(tempfile.mkdtemp(prefix="medood-cluster-"))
-    status, logs = cluster.run_job([
-        "data", "synth", "digitanatomy", str(out / "raw"), "--n-train", "24", "--n-test", "12", "--size", "32",
-        "--shards", str(out / "shards"), "--no-progress",
-    ])
-    yield {"out": out, "status": status, "logs": logs, "shards": out / "shards"}
+    yield out
     shutil.rmtree(out, ignore_errors=True)
 
 
-TINY_AE = [
-    "--set", "image_size=32", "--set", "batch_size=8", "--no-wandb", "--metric", "val_loss", "--mode", "min",
-]
+@pytest.fixture(scope="module")
+def shards(cluster, local_out):
+    """``medood data synth`` + ingest of a small embedded set into ``s3://`` shards, as a job."""
+    status, logs = cluster.run_job([
+        "data", "synth", "digitanatomy", str(local_out / "raw"), "--n-train", "24", "--n-test", "12", "--size", "32",
+        "--shards", f"{S3}/shards", "--no-progress",
+    ])
+    assert status == "SUCCEEDED", logs[-3000:]
+    return f"{S3}/shards"
+
+
+def read_json(uri: str) -> dict:
+    return json.loads(storage.location(uri).read_text())
 
 
 @pytest.mark.cluster
-def test_two_live_nodes_and_ingest_through_the_job_api(cluster, shards):
-    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
-    assert (shards["shards"] / "manifest.json").is_file()
-    nodes = {n["node_id"]: n for n in cluster_nodes(cluster)}
-    assert len(nodes) == 2
-
-
-def cluster_nodes(cluster: Cluster) -> list[dict]:
-    done = subprocess.run(
-        [RAY, "list", "nodes", "--address", cluster.dashboard, "--filter", "state=ALIVE", "--format", "json"],
-        env=cluster.env, capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout)
+def test_two_live_nodes_and_ingest_to_object_storage_through_the_job_api(cluster, shards, s3_server):
+    assert len(cluster.state("nodes", "state=ALIVE")) == 2
+    files = bucket_files(s3_server["endpoint"], "cluster/shards")  # listed by pyarrow, not by medood
+    assert "manifest.json" in files and "part-00000.parquet" in files, sorted(files)
+    assert not any(name.startswith(".") for name in files)  # no temporary shard left behind
+    info = CliRunner().invoke(app, ["data", "info", shards, "--json"], catch_exceptions=False)
+    assert info.exit_code == 0, info.output
+    info = json.loads(info.output)  # the manifest, and every listed shard found
+    assert info["path"] == shards and info["rows"] == 36 and info["missing_shards"] == []
 
 
 @pytest.mark.cluster
@@ -313,76 +337,142 @@ def test_a_job_without_the_token_is_refused(cluster):
     assert refused.value.code in (401, 403)
 
 
-@pytest.mark.cluster
-def test_train_two_workers_one_per_node(cluster, shards):
-    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
-    run = shards["out"] / "run"
-    status, logs = cluster.run_job([
-        "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny",
-        *TINY_AE, "--set", "epochs=2", "--workers", "2", "--placement", "STRICT_SPREAD", "--out", str(run),
-    ])
-    assert status == "SUCCEEDED", logs[-3000:]
-    result = json.loads((run / "run.json").read_text())
-    assert [h["epoch"] for h in result["history"]] == [1, 2]
-    workers = [a for a in cluster.actors("RayTrainWorker") if a.get("job_id") and a["state"] in ("ALIVE", "DEAD")]
-    assert len({a["node_id"] for a in workers}) == 2, workers
-
-
-def _trial_span(trial: Path) -> tuple[float, float]:
+def _trial_span(result_json: bytes) -> tuple[float, float]:
     """(start, end) wall time of a Tune trial from its ``result.json`` (one line per reported epoch)."""
-    rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in result_json.decode().splitlines() if line.strip()]
     return rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]
 
 
+SWEEP_EPOCHS = 3
+
+
 @pytest.fixture(scope="module")
-def sweep(cluster, shards):
-    """``medood tune`` of a 2-setting ablation as a job: both trials at once (2 CPUs each, one per node)."""
-    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
-    out = shards["out"] / "sweep"
-    status, logs = cluster.run_job([
-        "tune", "--method", "autoencoder", "--data", str(shards["shards"]), "--ablation", "residual_units",
-        "--preset", "tiny", "--scheduler", "fifo", "--set", "epochs=2", "--set", "image_size=32",
-        "--set", "batch_size=8", "--max-concurrent", "2", "--no-wandb", "--out", str(out),
-    ], timeout_s=420)
-    evaluated = ("NOT RUN", "")
-    if status == "SUCCEEDED":  # `medood evaluate` of the sweep's best.json, as a job too
-        evaluated = cluster.run_job([
-            "evaluate", str(out / "best.json"), "--data", str(shards["shards"]), "--out", str(out / "eval"),
-            "--bootstrap", "50",
-        ])
-    return {"out": out, "status": status, "logs": logs, "evaluated": evaluated}
+def sweep(cluster, shards, s3_server):
+    """``medood tune`` of a 3-setting ablation on S3 as a job, two trials at once (2 CPUs each, one per
+    node). Its driver is killed (`ray job stop`: SIGTERM, then SIGKILL; it writes nothing) once a trial
+    has finished and another has a registered checkpoint; ``medood tune --resume`` as a new job
+    finishes the sweep, then ``medood evaluate`` of its ``best.json`` (with a MOOD submission)."""
+    out, prefix = f"{S3}/sweep", "cluster/sweep"
+    job = cluster.submit([
+        "tune", "--method", "autoencoder", "--data", shards, "--ablation", "anomaly_measure",
+        "--preset", "tiny", "--scheduler", "fifo", "--set", f"epochs={SWEEP_EPOCHS}", "--set", "image_size=32",
+        "--set", "batch_size=8", "--max-concurrent", "2", "--no-wandb", "--out", out,
+    ])
+
+    def state() -> tuple[dict, list[str], list[str]]:
+        files = object_versions(s3_server["endpoint"], prefix)
+        trials = sorted({name.split("/")[0] for name in files if name.split("/")[1:2] == ["run"]})
+        done = [t for t in trials if f"{t}/run/{ckpt.RUN_FILE}" in files]
+        going = {t: latest_checkpoint_epoch(storage.location(f"{out}/{t}/run")) for t in trials if t not in done}
+        return files, done, [t for t, epoch in going.items() if epoch]
+
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        files, done, going = state()
+        # a trial checkpointed at its first epoch has two more to go: the kill lands while it trains
+        if done and any(latest_checkpoint_epoch(storage.location(f"{out}/{t}/run")) == 1 for t in going):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"no finished + checkpointed pair of trials before the deadline: {state()}")
+    cluster.client().stop_job(job)
+    stopped, _ = cluster.wait(job, timeout_s=120)
+    files, done, going = state()  # what the last moments of the killed driver left
+    results_after_kill = storage.location(f"{out}/{RESULTS_CSV}").exists()
+    done_files = {name: files[name] for name in files if name.split("/")[0] in done and name.split("/")[1:2] == ["run"]}
+    resumed = cluster.run_job(["tune", "--resume", "--out", out], timeout_s=420)
+    assert resumed[0] == "SUCCEEDED", resumed[1][-3000:]
+    evaluated = cluster.run_job([
+        "evaluate", f"{out}/best.json", "--data", shards, "--out", f"{out}/eval", "--mood", f"{out}/mood",
+        "--bootstrap", "20",
+    ])
+    return {
+        "out": out, "prefix": prefix, "stopped": stopped, "done": done, "going": [t for t in going if t not in done],
+        "done_files": done_files, "results_after_kill": results_after_kill, "resumed": resumed,
+        "evaluated": evaluated,
+    }
 
 
 @pytest.mark.cluster
-def test_sweep_runs_two_trials_at_once_and_evaluate_reads_its_best(cluster, shards, sweep):
-    assert sweep["status"] == "SUCCEEDED", sweep["logs"][-3000:]
+def test_sweep_on_object_storage_runs_two_trials_at_once_and_evaluate_reads_its_best(cluster, sweep, s3_server):
+    from medood.platform.serve import ServeOptions, resolve_models
+
     out = sweep["out"]
-    rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 3 and all(",complete," in r for r in rows[1:]), rows
-    spans = [_trial_span(t) for t in sorted(p for p in out.iterdir() if (p / "result.json").is_file())]
-    assert len(spans) == 2
-    (start_a, end_a), (start_b, end_b) = spans
-    assert start_a < end_b and start_b < end_a, f"the two trials did not overlap: {spans}"
-    assert Path(json.loads((out / "best.json").read_text())["checkpoint"]).is_dir()
+    rows = storage.location(f"{out}/{RESULTS_CSV}").read_text().splitlines()
+    assert len(rows) == 4 and all(",complete," in r for r in rows[1:]), rows
+    files = bucket_files(s3_server["endpoint"], sweep["prefix"])
+    results = sorted(name for name in files if name.count("/") == 1 and name.endswith("/result.json"))
+    spans = [_trial_span(read_object(s3_server["endpoint"], f"{sweep['prefix']}/{name}")) for name in results]
+    assert len(spans) == 3, sorted(files)
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, f"no two trials ran at the same time: {spans}"
+    best = read_json(f"{out}/{ckpt.BEST_FILE}")
+    assert best["method"] == "autoencoder" and best["config"]["epochs"] == SWEEP_EPOCHS
+    assert best["checkpoint"].startswith(f"{out}/") and storage.location(best["checkpoint"]).is_dir()
+    model = ckpt.load(f"{out}/{ckpt.BEST_FILE}")
+    assert model.name == "autoencoder" and model.method.config.score == best["config"]["score"]
+    plots = [n for n in files if n.startswith("plots/") and n.endswith((f"{best['metric']}_by_setting.png", "/curves.png"))]
+    assert len(plots) == 2, sorted(files)
+    for name in plots:
+        assert read_object(s3_server["endpoint"], f"{sweep['prefix']}/{name}")[:4] == b"\x89PNG"
+
     status, logs = sweep["evaluated"]
     assert status == "SUCCEEDED", logs[-3000:]
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["sample"]["auroc"] <= 1.0
+    for name in ("report.md", "metrics.json", "scores.csv", "roc.png"):
+        assert f"eval/{name}" in files, sorted(files)
+    assert any(n.startswith("mood/sample/") for n in files) and any(n.startswith("mood/pixel/") for n in files)
+    metrics = read_json(f"{out}/eval/metrics.json")
+    assert metrics["checkpoint"] == best["checkpoint"] + "/model.pt"  # the checkpoint best.json names
+    assert metrics["n_samples"] > 0 and 0.0 <= metrics["sample"]["auroc"] <= 1.0
+    # what serving loads for `--best s3://.../sweep`
+    entries = resolve_models(ServeOptions.from_args({"best": [out], "gpus_per_replica": 0}))
+    assert [e.path for e in entries] == [best["checkpoint"] + "/model.pt"]
+    assert entries[0].info["method"] == "autoencoder"
 
 
 @pytest.mark.cluster
-def test_serve_deploy_on_the_cluster_answers_as_locally(cluster, shards, sweep, tmp_path):
+def test_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(sweep, s3_server):
+    """The killed driver wrote nothing; `medood tune --resume` kept each trial finished before the kill
+    as it was and continued each checkpointed one from its own latest checkpoint."""
+    assert sweep["stopped"] == "STOPPED"
+    assert not sweep["results_after_kill"]
+    status, logs = sweep["resumed"]
+    assert "Ablation `anomaly_measure`" in logs
+    # One line per trial epoch, no Tune status box or table.
+    assert "Configuration for experiment" not in logs and "Trial status" not in logs
+    assert sweep["done"] and sweep["going"], sweep
+    # The finished trials were not run again: not one of their files changed.
+    now = object_versions(s3_server["endpoint"], sweep["prefix"])
+    assert {name: now.get(name) for name in sweep["done_files"]} == sweep["done_files"]
+    # A trial cut short went on from its own latest registered checkpoint (the same run folder, as
+    # `medood train` into an existing --out does) instead of starting over: every epoch once.
+    for trial in sweep["going"]:
+        run = f"{sweep['out']}/{trial}/run"
+        history = read_json(f"{run}/{ckpt.RUN_FILE}")["history"]
+        assert [h["epoch"] for h in history] == list(range(1, SWEEP_EPOCHS + 1))
+        resumed_from = [h["resumed_from_epoch"] for h in history]
+        restored = resumed_from[-1]
+        assert 1 <= restored < SWEEP_EPOCHS, resumed_from
+        assert resumed_from == [0] * restored + [restored] * (SWEEP_EPOCHS - restored), resumed_from
+        checkpoints = [n for n in now if n.startswith(f"{trial}/run/checkpoint_") and n.endswith("/model.pt")]
+        epochs = {ckpt.read_payload(f"{sweep['out']}/{n}")["metrics"]["epoch"] for n in checkpoints}
+        assert SWEEP_EPOCHS in epochs, epochs
+
+
+@pytest.mark.cluster
+def test_serve_deploy_on_the_cluster_answers_as_locally(cluster, sweep, local_out, tmp_path):
+
     """`serve deploy` of a config like medood/platform/serve_config.yaml against the head, with the
-    token, serving the sweep's best checkpoint; a scan gets the score `medood evaluate` gives it."""
+    token, serving the sweep's best checkpoint from S3; a scan gets the score `medood evaluate` gave it."""
     import yaml
 
-    assert sweep["status"] == "SUCCEEDED", sweep["logs"][-3000:]
+    assert sweep["evaluated"][0] == "SUCCEEDED", sweep["evaluated"][1][-3000:]
     api_token = secrets.token_hex(8)
     port = free_port()
     config = yaml.safe_load((REPO / "medood" / "platform" / "serve_config.yaml").read_text())
     index, model = config["applications"][0], config["applications"][1]
     index["args"]["models"] = {"digits": model["name"]}
-    model["args"].update(checkpoints=[], best=[str(sweep["out"])], cpus_per_replica=0.5)
+    model["args"].update(checkpoints=[], best=[sweep["out"]], cpus_per_replica=0.5)
     # Both nodes share this machine's ports: one proxy, on the head.
     config.update(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
                   applications=[
@@ -395,135 +485,166 @@ def test_serve_deploy_on_the_cluster_answers_as_locally(cluster, shards, sweep, 
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     url = f"http://127.0.0.1:{port}"
+    # A test scan and the calibrated score `medood evaluate` gave it (scores.csv, on S3).
+    first = next(csv.DictReader(io.StringIO(storage.location(f"{sweep['out']}/eval/scores.csv").read_text())))
+    scan = local_out / "raw" / first["id"]
     try:
-        deadline = time.monotonic() + 240
-        ready = False
-        while not ready and time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as answer:
-                    ready = answer.status == 200
-            except urllib.error.HTTPError as error:  # 401: up, and asking for the token
-                ready = error.code == 401
-                time.sleep(0 if ready else 2)
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(2)
-        assert ready, "the deployed applications never answered"
-        # A test scan and the calibrated score `medood evaluate` gave it (scores.csv).
-        assert sweep["evaluated"][0] == "SUCCEEDED", sweep["evaluated"][1][-3000:]
-        with open(sweep["out"] / "eval" / "scores.csv") as f:
-            first = next(csv.DictReader(f))
-        scan = shards["out"] / "raw" / first["id"]
 
         def score(headers: dict[str, str]) -> dict:
             request = urllib.request.Request(f"{url}/v1/models/digits/score", data=scan.read_bytes(),
                                              headers={"Content-Type": "image/png", **headers}, method="POST")
-            for _ in range(60):  # the model's replica may still be starting behind the proxy
+            deadline = time.monotonic() + 240  # the proxy and the model's replica may still be starting
+            while True:
                 try:
                     with urllib.request.urlopen(request, timeout=60) as answer:
                         return json.loads(answer.read())
                 except urllib.error.HTTPError as error:
-                    if error.code not in (404, 503):
+                    if error.code not in (404, 503) or time.monotonic() > deadline:
                         raise
-                    time.sleep(2)
-            raise AssertionError("the model never answered")
+                except (urllib.error.URLError, ConnectionError):
+                    if time.monotonic() > deadline:
+                        raise
+                time.sleep(1)
 
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            score({})
-        assert refused.value.code == 401
         answer = score({"Authorization": f"Bearer {api_token}"})
         assert answer["score"] == pytest.approx(float(first["score"]), abs=1e-5), (answer, first)
         assert answer["anomalous"] == (first["predicted_abnormal"] == "1")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            score({})
+        assert refused.value.code == 401
     finally:
         subprocess.run([serve_cli, "shutdown", "-y", "--address", cluster.dashboard], env=cluster.env,
                        capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.cluster
-def test_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trials(cluster, shards):
-    """Stop the sweep's job (its driver killed) once one trial has finished and the next has a
-    checkpoint; `medood tune --resume` as a new job keeps the finished trial and continues the other."""
-    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
-    out = shards["out"] / "sweep-resumed"
-    job = cluster.submit([
-        "tune", "--method", "autoencoder", "--data", str(shards["shards"]), "--ablation", "residual_units",
-        "--preset", "tiny", "--scheduler", "fifo", "--set", "epochs=3", "--set", "image_size=32",
-        "--set", "batch_size=8", "--max-concurrent", "1", "--no-wandb", "--out", str(out),
-    ])
-
-    def trials() -> list[Path]:
-        return sorted(p for p in out.iterdir() if (p / "run").is_dir()) if out.is_dir() else []
-
-    def finished(trial: Path) -> bool:
-        return (trial / "run" / "run.json").is_file()
-
-    deadline = time.monotonic() + 360
-    while time.monotonic() < deadline:
-        done = [t for t in trials() if finished(t)]
-        going = [t for t in trials() if not finished(t) and checkpoint_registered(t / "run")]
-        if len(done) == 1 and going:
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError(f"no finished + checkpointed pair of trials before the deadline: {trials()}")
-    cluster.client().stop_job(job)
-    status, _ = cluster.wait(job, timeout_s=120)
-    assert status == "STOPPED"
-    (done,) = done
-    done_files = {p: p.stat().st_mtime_ns for p in (done / "run").rglob("*") if p.is_file()}
-
-    status, logs = cluster.run_job(["tune", "--resume", "--out", str(out)], timeout_s=420)
-    assert status == "SUCCEEDED", logs[-3000:]
-    rows = (out / "results.csv").read_text().splitlines()
-    assert len(rows) == 3 and all(",complete," in r for r in rows[1:]), rows
-    assert {p: p.stat().st_mtime_ns for p in (done / "run").rglob("*") if p.is_file()} == done_files
-    (resumed,) = [t for t in trials() if t != done]
-    history = json.loads((resumed / "run" / "run.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert max(h["resumed_from_epoch"] for h in history) >= 1  # it went on from its own checkpoint
-
-
-@pytest.mark.cluster
-def test_node_lost_mid_training_resumes_from_its_checkpoint(cluster, shards):
-    """Kill the second node's raylet (a crash) once the run has a checkpoint: Ray Train restarts the
-    workers on what is left (SPREAD: both fit the head) from the latest checkpoint and finishes. Last
-    test of the module: the cluster has one node afterwards."""
-    assert shards["status"] == "SUCCEEDED", shards["logs"][-3000:]
-    run = shards["out"] / "run-node-loss"
+@pytest.fixture(scope="module")
+def node_loss(cluster, shards):
+    """One 2-worker `medood train` job with ``--data`` and ``--out`` on S3 (Ray Train's storage_path):
+    as soon as it has a registered checkpoint, the second node crashes (its raylet and every process it
+    started killed at once). Ray Train restarts the workers on what is left (SPREAD: both fit the head)
+    from the latest checkpoint, read back from S3. The cluster has one node afterwards: the module's
+    last tests use this."""
+    run = f"{S3}/run"
+    (second_id,) = [n["node_id"] for n in cluster.state("nodes", "state=ALIVE") if not n.get("is_head_node")]
     # Epochs long enough (64 px, 6 of them) that the kill lands while the run still trains: at 32 px an
     # epoch takes under a second and the run could end before the node is gone (nothing left to resume).
     epochs = 6
     job = cluster.submit([
-        "train", "--method", "autoencoder", "--data", str(shards["shards"]), "--preset", "tiny", *TINY_AE,
-        "--set", "image_size=64", "--set", f"epochs={epochs}", "--workers", "2", "--cpus-per-worker", "0.5",
-        "--placement", "SPREAD", "--max-failures", "2", "--out", str(run),
+        "train", "--method", "autoencoder", "--data", shards, "--preset", "tiny", "--set", "image_size=64",
+        "--set", "batch_size=8", "--set", f"epochs={epochs}", "--no-wandb", "--metric", "val_loss", "--mode", "min",
+        "--workers", "2", "--cpus-per-worker", "0.5", "--placement", "SPREAD", "--max-failures", "2", "--out", run,
     ])
     deadline = time.monotonic() + 240
-    while not checkpoint_registered(run) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert checkpoint_registered(run), "no checkpoint before the deadline"
-    workers = [a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE" and a.get("job_id")]
-    second_id = next(n["node_id"] for n in cluster_nodes(cluster) if n["node_ip"] and n["node_id"] and not n.get("is_head_node"))
-    assert second_id in {a["node_id"] for a in workers}, "no worker on the second node"
+    while (checkpointed := latest_checkpoint_epoch(storage.location(run))) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpointed is not None, "no checkpoint before the deadline"
+    ended_before_kill = storage.location(f"{run}/{ckpt.RUN_FILE}").exists()
     (raylet,) = cluster.second.processes("/raylet ")
-    assert not (run / "run.json").exists(), "the run ended before the node could be killed"
+    crashed = {*cluster.second.processes(), *_descendants(raylet)} - {raylet}  # with the workers it started
     killed_at = time.monotonic()
-    os.kill(raylet, signal.SIGKILL)
+    # A crash: every process of the node at once (a raylet killed alone leaves its workers training on
+    # for a while, until they notice).
+    for pid in [raylet, *crashed]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     status, logs = cluster.wait(job, timeout_s=400)
-    recovery_s = time.monotonic() - killed_at
-    assert status == "SUCCEEDED", logs[-3000:]
-    result = json.loads((run / "run.json").read_text())
-    history = result["history"]
+    kill_to_end_s = time.monotonic() - killed_at
+    ray_job_id = cluster.client().get_job_info(job).job_id
+    workers = [a for a in cluster.state("actors", "class_name=RayTrainWorker") if a.get("job_id") == ray_job_id]
+    return {
+        "run": run, "epochs": epochs, "status": status, "logs": logs, "workers": workers, "second_id": second_id,
+        "ended_before_kill": ended_before_kill, "checkpointed_at_kill": checkpointed,
+        "reported": _reported_epochs(logs, epochs), "kill_to_end_s": kill_to_end_s,
+    }
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process started by ``pid``, and by those, ... (Ray workers rename their command lines)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _reported_epochs(logs: str, epochs: int) -> list[int]:
+    """The epochs a run reported, in order, from its progress lines (``epoch 3/6  train ...``)."""
+    return [int(m) for m in re.findall(rf"\bepoch (\d+)/{epochs}\b", logs)]
+
+
+@pytest.mark.cluster
+def test_train_two_workers_one_per_node_on_object_storage(node_loss, s3_server):
+    # Two Train workers, one on each node: the second node only ever held one of them (the two of the
+    # restart after the crash both went to the head).
+    nodes = [a["node_id"] for a in node_loss["workers"]]
+    assert nodes.count(node_loss["second_id"]) == 1 and len(nodes) >= 4, node_loss["workers"]
+    assert node_loss["status"] == "SUCCEEDED", node_loss["logs"][-3000:]
+    result = read_json(f"{node_loss['run']}/{ckpt.RUN_FILE}")
+    assert result["data"] == f"{S3}/shards"
+    assert result["checkpoint"].startswith(f"{S3}/run/checkpoint_")
+    files = bucket_files(s3_server["endpoint"], "cluster/run")
+    assert result["checkpoint"].removeprefix(f"{S3}/run/") + "/model.pt" in files, sorted(files)
+    # a run folder on S3 resolves to its best checkpoint, as a local one does
+    assert ckpt.resolve(node_loss["run"]) == result["checkpoint"] + "/model.pt"
+
+
+@pytest.mark.cluster
+def test_node_lost_mid_training_resumes_from_its_checkpoint(node_loss):
+    assert not node_loss["ended_before_kill"], "the run ended before the node could be killed"
+    assert node_loss["status"] == "SUCCEEDED", node_loss["logs"][-3000:]
+    epochs = node_loss["epochs"]
+    history = read_json(f"{node_loss['run']}/{ckpt.RUN_FILE}")["history"]
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     resumed = [h["resumed_from_epoch"] for h in history]
     restored = resumed[-1]  # the later epochs ran after a restore from a registered checkpoint
     assert 1 <= restored < epochs and resumed[0] == 0 and resumed == sorted(resumed), resumed
     assert all(r < h["epoch"] for r, h in zip(resumed, history)), resumed  # each restore is from an earlier epoch
-    print(f"node loss: resumed from epoch {restored}, {recovery_s:.0f} s from the kill to the end")
+    reported = node_loss["reported"]  # every epoch reported, the ones trained again after the restore too
+    assert reported[-1] == epochs and set(reported) == set(range(1, epochs + 1)), reported
+    # What the crash cost: epochs trained twice, and the wall time from the kill to the end beyond the
+    # epochs that were left to train (each epoch's own time, from the progress lines).
+    after = sum(t for e, t in dict(_epoch_times(node_loss["logs"], epochs)).items() if e > restored)  # last runs
+    print(
+        f"node loss: killed with epoch {node_loss['checkpointed_at_kill']} the latest registered checkpoint; "
+        f"restored from epoch {restored}; epochs reported {reported} ({len(reported) - epochs} trained twice); "
+        f"{node_loss['kill_to_end_s']:.0f} s from the kill to the end, {after:.0f} s of it training epochs "
+        f"{restored + 1}-{epochs}"
+    )
 
 
-def test_runtime_env_leaves_the_jobs_own_variables_to_the_job(monkeypatch):
-    # What `ray job submit --runtime-env-json '{"env_vars": {"WANDB_MODE": "disabled"}}'` gives its driver.
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"WANDB_MODE": "disabled"}}}))
-    assert "WANDB_MODE" not in jobs.runtime_env()["env_vars"]
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    assert "WANDB_MODE" in jobs.runtime_env()["env_vars"]
+def _epoch_times(logs: str, epochs: int) -> list[tuple[int, float]]:
+    """(epoch, seconds) from the progress lines (``epoch 3/6  train ... 4.1 s/epoch ...``)."""
+    return [(int(e), float(t)) for e, t in re.findall(rf"\bepoch (\d+)/{epochs}\b.*?([\d.]+) s/epoch", logs)]
+
+
+@pytest.mark.cluster
+def test_credentials_appear_in_no_job_log_object_or_node_file(cluster, node_loss, local_out, s3_server):
+    """Last: after every job of the module. The secret key is in no job's logs or metadata, in no object
+    of the bucket, in no file of either node (Ray's session logs) or of the test, and in nothing medood
+    hands to Ray; no URI was taken for a local folder."""
+    from medood.platform.jobs import runtime_env
+
+    client = cluster.client()
+    assert len(cluster.jobs) >= 5
+    for job in cluster.jobs:
+        assert SECRET_KEY not in client.get_job_logs(job), job
+    assert SECRET_KEY not in json.dumps([job.__dict__ for job in client.list_jobs()], default=str)
+    secret = SECRET_KEY.encode()
+    objects = bucket_files(s3_server["endpoint"])
+    assert any(name.startswith("cluster/run/") for name in objects)
+    for name in objects:
+        assert secret not in read_object(s3_server["endpoint"], name), name
+    # What Ray ships to Train workers and read tasks: credentials come from each process's environment.
+    assert secret not in pickle.dumps(storage.location(S3).filesystem)
+    assert SECRET_KEY not in json.dumps(runtime_env())
+    assert secret_free([cluster.root, local_out]) > 100
+    assert not [p for p in (*cluster.root.rglob("s3:*"), *local_out.rglob("s3:*"), *REPO.glob("s3:*"))]

@@ -1,20 +1,14 @@
 """Sweeps (``medood.platform.tune``): plans are checked before Ray starts, results are written from the
-trials, and a real sweep on a local Ray (one per module) is interrupted and resumed without rerunning
-its finished trial."""
+trials, and the placement-group reaper works on a local Ray. Real sweeps (two trials at once, a killed
+driver resumed without rerunning its finished trial) run on the two-node cluster of test_cluster.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import typer
-from run_folders import checkpoint_registered
-from typer.testing import CliRunner
 
 from medood import methods
 from medood.platform import checkpoint as ckpt
@@ -30,7 +24,6 @@ from medood.platform.tune import (
     param_space,
     sweep,
     trial_overrides,
-    tune_command,
     write_results,
 )
 
@@ -196,26 +189,43 @@ def test_results_table_plots_and_best_from_trials(digits, tmp_path):
         assert (out / "plots" / name).read_bytes()[:4] == PNG
 
 
+def test_an_interrupted_sweeps_table_says_so_and_its_folder_is_only_resumed(digits, tmp_path):
+    """What an interrupted sweep (Ctrl+C: Tune returns with the running trials set back to PENDING)
+    writes; a new sweep into its folder is refused before Ray starts. Resuming a sweep whose driver
+    was killed runs for real in tests/test_cluster.py."""
+    out = tmp_path / "sweep"
+    plan = make_plan(SweepOptions("autoencoder", str(digits), ablation="residual_units", preset="tiny",
+                                  overrides={"epochs": 3}), out)
+    out.mkdir()
+    trials = []
+    for label, status, aurocs in (("done", "TERMINATED", [0.6, 0.7, 0.8]), ("paused", "PENDING", [0.5]),
+                                  ("waiting", "PENDING", [])):
+        trial_dir = out / f"t_{label}"
+        history = []
+        for epoch, value in enumerate(aurocs, start=1):
+            checkpoint = trial_dir / "run" / f"checkpoint_{epoch}"
+            checkpoint.mkdir(parents=True)
+            (checkpoint / ckpt.MODEL_FILE).write_bytes(b"weights")
+            history.append({"epoch": epoch, "val_auroc": value, "val_loss": 1 - value,
+                            "checkpoint_path": str(checkpoint), "time_this_iter_s": 1.0})
+        trials.append({"trial": trial_dir.name, "trial_id": label, "trial_dir": str(trial_dir), "tune_status": status,
+                       "config": {"setting": plan["ablation"]["settings"][0]["label"]}, "history": history,
+                       "error": None})
+    result = write_results(out, plan, trials, interrupted=True)
+    assert result.interrupted
+    assert sorted(r["status"] for r in result.trials) == ["complete", "pending", "unfinished"]
+    assert f"**Interrupted**: resume with `medood tune --resume --out {out}`" in (out / RESULTS_MD).read_text()
+    assert json.loads((out / ckpt.BEST_FILE).read_text())["epoch"] == 3  # the finished trial's best so far
+
+    (out / "sweep.json").write_text(json.dumps(plan))
+    options = SweepOptions("autoencoder", str(digits), ablation="residual_units", preset="tiny", out=str(out))
+    with pytest.raises(ValueError, match="already holds a sweep; pass --resume"):
+        sweep(options)
+    with pytest.raises(FileNotFoundError, match="no interrupted sweep to resume"):
+        sweep(SweepOptions("autoencoder", str(digits), out=str(tmp_path / "empty"), resume=True))
+
+
 # -- a real sweep on a local Ray -------------------------------------------------------------------
-
-
-def _interrupt_when(condition, finished: threading.Event) -> threading.Thread:
-    """SIGINT this process (Tune's Ctrl+C) once ``condition()`` holds, unless the sweep already ended."""
-
-    def watch() -> None:
-        while not finished.is_set():
-            if condition():
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
-def _trial_dirs(out: Path) -> list[Path]:
-    return sorted(p for p in out.iterdir() if (p / "run").is_dir()) if out.is_dir() else []
 
 
 @pytest.mark.ray
@@ -256,68 +266,6 @@ def test_reaper_frees_the_worker_groups_of_ended_trials_only(ray_local):
         for group in groups:
             if state(group) != "REMOVED":
                 remove_placement_group(group)
-
-
-@pytest.mark.ray
-def test_sweep_interrupted_then_resumed_keeps_finished_trials(ray_local, digits, tmp_path):
-    out = tmp_path / "sweep"
-    options = SweepOptions(
-        "autoencoder", str(digits), ablation="residual_units", preset="tiny", scheduler="fifo",
-        # Epochs long enough (64 px, 6 of them) that the interrupt lands while the second trial still trains.
-        overrides={"epochs": "6", "image_size": "64"}, out=str(out), wandb=False,
-    )
-
-    def first_done_second_checkpointed() -> bool:
-        done = [d for d in _trial_dirs(out) if (d / "run" / ckpt.RUN_FILE).is_file()]
-        going = [d for d in _trial_dirs(out) if d not in done and checkpoint_registered(d / "run")]
-        return len(done) == 1 and len(going) == 1
-
-    finished = threading.Event()
-    _interrupt_when(first_done_second_checkpointed, finished)
-    try:
-        first = sweep(options)
-    finally:
-        finished.set()
-    assert first.interrupted
-    assert sorted(r["status"] for r in first.trials) == ["complete", "unfinished"]
-    assert "**Interrupted**" in (out / RESULTS_MD).read_text()
-    done = next(Path(r["trial_dir"]) for r in first.trials if r["status"] == "complete")
-    paused = next(Path(r["trial_dir"]) for r in first.trials if r["status"] == "unfinished")
-    done_files = {p: p.stat().st_mtime_ns for p in (done / "run").rglob("*") if p.is_file()}
-
-    # `medood tune --resume` continues the sweep from its folder alone.
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    app.command("tune")(tune_command)
-    resumed = CliRunner().invoke(app, ["tune", "--resume", "--out", str(out)])
-    assert resumed.exit_code == 0, resumed.output
-    assert "Ablation `residual_units`" in resumed.output
-    # One line per trial epoch, no Tune status box or table.
-    assert "Configuration for experiment" not in resumed.output and "Trial status" not in resumed.output
-
-    rows = (out / RESULTS_CSV).read_text().splitlines()
-    assert len(rows) == 3 and all(",complete," in r for r in rows[1:])
-    # The finished trial was not run again: not one of its files changed.
-    assert {p: p.stat().st_mtime_ns for p in (done / "run").rglob("*") if p.is_file()} == done_files
-    # The interrupted one went on from its own latest registered checkpoint instead of starting over.
-    run = json.loads((paused / "run" / ckpt.RUN_FILE).read_text())
-    assert [h["epoch"] for h in run["history"]] == [1, 2, 3, 4, 5, 6]
-    resumed_from = [h["resumed_from_epoch"] for h in run["history"]]
-    restored = resumed_from[-1]
-    assert 1 <= restored < 6 and resumed_from == [0] * restored + [restored] * (6 - restored), resumed_from
-    folders = [c for c in (paused / "run").glob("checkpoint_*") if c.is_dir()]
-    epochs = {ckpt.read_payload(c / ckpt.MODEL_FILE)["metrics"]["epoch"] for c in folders}
-    assert 6 in epochs and epochs <= set(range(1, 7))
-
-    best = json.loads((out / ckpt.BEST_FILE).read_text())
-    assert best["method"] == "autoencoder" and best["config"]["epochs"] == 6
-    assert ckpt.resolve(out / ckpt.BEST_FILE) == Path(best["checkpoint"]) / ckpt.MODEL_FILE
-    model = ckpt.load(out / ckpt.BEST_FILE)
-    assert model.name == "autoencoder" and model.method.config.num_res_units == best["config"]["num_res_units"]
-    for name in ("val_auroc_vs_num_res_units.png", "curves.png"):
-        assert (out / "plots" / name).read_bytes()[:4] == PNG
-    with pytest.raises(ValueError, match="already holds a sweep; pass --resume"):
-        sweep(options)
 
 
 def test_sensitivity_is_a_metric_name_and_its_agreement_with_auroc_is_spearman(digits, tmp_path):
