@@ -51,6 +51,7 @@ BACKBONES_2D = ("resnet50", "tiny")
 PRETRAINED_2D = ("imagenet_gray", "none")
 TRAIN_ANOMALIES = ("copy_paste", "copy_paste_rot")
 LS_MODES = ("fraction", "count")
+SAMPLE_SCORES = ("cls", "seg_max", "seg_mean")
 #: Table 1's jigsaw pretask shuffles the 8 octants ("8! cases"); we classify among a fixed set of
 #: this many permutations (our choice: the paper does not say how the 8! cases are handled).
 JIGSAW_PERMUTATIONS = 100
@@ -107,7 +108,8 @@ class Config(BaseConfig):
     fpfn_floor: float = 0.05
     fpfn_decay: float = 0.3
     # Sample score: "cls" = the 3D network's class probability ([code] inference, the paper's); "seg_max" =
-    # the maximum of its segmentation map (our extension; see the tiny preset's figures).
+    # the maximum of its segmentation map, "seg_mean" = its mean, the expected abnormal share of the volume
+    # (our extensions; see the presets' figures).
     sample_score: str = "cls"
 
     @property
@@ -125,7 +127,7 @@ class Config(BaseConfig):
             "sim_loss": (self.sim_loss, SIM_LOSSES), "sim_pairs": (self.sim_pairs, SIM_PAIRS),
             "backbone_2d": (self.backbone_2d, BACKBONES_2D), "pretrained_2d": (self.pretrained_2d, PRETRAINED_2D),
             "recon_loss": (self.recon_loss, ("mse", "bce")), "ls_mode": (self.ls_mode, LS_MODES),
-            "sample_score": (self.sample_score, ("cls", "seg_max")),
+            "sample_score": (self.sample_score, SAMPLE_SCORES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -654,8 +656,8 @@ class JointEmbedding(AnomalyMethod):
     @torch.no_grad()
     def score(self, batch: Batch) -> Scores:
         """[code] inference: only the 3D network; sample = its class probability (or, with
-        ``sample_score="seg_max"``, the map's maximum), map = its segmentation, resized (trilinear) to the
-        input's grid."""
+        ``sample_score="seg_max"`` / ``"seg_mean"``, the map's maximum / mean), map = its segmentation,
+        resized (trilinear) to the input's grid."""
         image = batch["image"]
         seg_logits, cls_logits, _ = self.net3d(self.to_volume(image))
         seg = torch.sigmoid(seg_logits)
@@ -663,6 +665,8 @@ class JointEmbedding(AnomalyMethod):
             seg = F.interpolate(seg, size=image.shape[2:], mode="trilinear", align_corners=False)
         if self.config.sample_score == "seg_max":
             return Scores(sample=seg.flatten(1).amax(dim=1), map=seg)
+        if self.config.sample_score == "seg_mean":
+            return Scores(sample=seg.flatten(1).mean(dim=1), map=seg)
         return Scores(sample=torch.sigmoid(cls_logits), map=seg)
 
     def to_checkpoint(self) -> dict[str, Any]:
