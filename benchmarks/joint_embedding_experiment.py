@@ -147,10 +147,15 @@ def main() -> None:
                 own = model.config.sample_score
                 for other in [s for s in ("cls", "seg_max", "seg_mean") if s != own]:
                     model.config.sample_score = other
-                    results.setdefault(f"{name} ({other})", {})[seed] = {**score(model, data), "wall_s": 0.0}
+                    again = {**score(model, data), "wall_s": 0.0}
+                    results.setdefault(f"{name} ({other})", {})[seed] = again
+                    print(f"{name} ({other}) seed {seed}: AUROC {again['auroc']:.3f}", flush=True)
                 model.config.sample_score = own
             print(f"{name} seed {seed}: AUROC {result['auroc']:.3f}  voxel AP {result['pixel_ap']:.3f}  "
-                  f"({wall:.0f} s)  " + " ".join(f"{k} {v:.2f}" for k, v in result["per_type"].items()), flush=True)
+                  f"({wall:.0f} s)  " + " ".join(f"{k} {v:.2f}" for k, v in result["per_type"].items())
+                  + "  voxel AP per type: " + " ".join(f"{k} {v:.2f}" for k, v in result["per_type_ap"].items()), flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every run, so a cut run keeps its figures
+            Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     print(f"\n{'run':<28} {'AUROC (95% CI)':<26} {'voxel AP (95% CI)':<26}")
     for name, per_seed in results.items():
         a = t_interval([r["auroc"] for r in per_seed.values()])
