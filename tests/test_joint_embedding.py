@@ -223,6 +223,8 @@ def test_score_is_deterministic_in_eval_needs_no_2d_network_and_maps_to_the_inpu
     assert not torch.allclose(by_class.sample, by_class.map.flatten(1).amax(1))
     model.config.sample_score = "seg_max"
     torch.testing.assert_close(model.score({"image": image}).sample, first.map.flatten(1).amax(1), rtol=1e-3, atol=1e-3)
+    model.config.sample_score = "seg_mean"
+    torch.testing.assert_close(model.score({"image": image}).sample, first.map.flatten(1).mean(1), rtol=1e-3, atol=1e-3)
 
 
 def test_pretrained_2d_weights_load_from_a_named_file(tmp_path):
