@@ -338,6 +338,14 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
     # The trial's folder in the sweep (get_trial_dir() is Tune's local staging copy, not the storage).
     trial_dir = storage.location(plan["path"]) / tune.get_context().get_trial_name()
+    finished = trial_dir / "run" / ckpt.RUN_FILE  # written once, when the trial's run has trained every epoch
+    if finished.exists():
+        # A run that ended after the sweep's last experiment snapshot (its driver killed in between) is
+        # started again by `tune --resume`: report its epochs to Tune from its record instead of training
+        # or writing anything again.
+        for metrics in json.loads(finished.read_text()).get("history", []):
+            tune.report(metrics)
+        return
     options = TrainOptions(
         method=plan["method"],
         data=plan["data"],
