@@ -49,6 +49,20 @@ def ray_local():
     ray.shutdown()
 
 
+def fake_trial(trial_dir: Path, trial_id: str, setting: str, aurocs: list[float], *, status: str = "TERMINATED",
+               error: str | None = None, with_ap: bool = False, seconds: float = 1.0) -> dict:
+    """A trial as ``collect_trials`` returns it, with one checkpoint folder per reported epoch."""
+    history = []
+    for epoch, value in enumerate(aurocs, start=1):
+        checkpoint = trial_dir / "run" / f"checkpoint_{epoch}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / ckpt.MODEL_FILE).write_bytes(b"weights")
+        history.append({"epoch": epoch, "val_auroc": value, **({"val_ap": value / 2} if with_ap else {}),
+                        "val_loss": 1 - value, "checkpoint_path": str(checkpoint), "time_this_iter_s": seconds})
+    return {"trial": trial_dir.name, "trial_id": trial_id, "trial_dir": str(trial_dir), "tune_status": status,
+            "config": {"setting": setting}, "history": history, "error": error}
+
+
 # -- plans: no Ray ----------------------------------------------------------------------------------
 
 
@@ -138,16 +152,8 @@ def test_results_table_plots_and_best_from_trials(digits, tmp_path):
     out.mkdir()
 
     def trial(label: str, aurocs: list[float], status: str = "TERMINATED", error: str | None = None) -> dict:
-        trial_dir = out / f"t_{len(label)}_{label[:4]}"
-        history = []
-        for epoch, value in enumerate(aurocs, start=1):
-            checkpoint = trial_dir / "run" / f"checkpoint_{epoch}"
-            checkpoint.mkdir(parents=True)
-            (checkpoint / ckpt.MODEL_FILE).write_bytes(b"weights")
-            history.append({"epoch": epoch, "val_auroc": value, "val_ap": value / 2, "val_loss": 1 - value,
-                            "checkpoint_path": str(checkpoint), "time_this_iter_s": 10.0})
-        return {"trial": trial_dir.name, "trial_id": label, "trial_dir": str(trial_dir), "tune_status": status,
-                "config": {"setting": label}, "history": history, "error": error}
+        return fake_trial(out / f"t_{len(label)}_{label[:4]}", label, label, aurocs, status=status, error=error,
+                          with_ap=True, seconds=10.0)
 
     resumed = trial("Soft Masked Shortcut", [0.6, 0.7, 0.72, 0.74, 0.75])
     # A resumed trial reports epoch 2 twice (before the interruption and again after): the last one counts.
@@ -200,17 +206,8 @@ def test_an_interrupted_sweeps_table_says_so_and_its_folder_is_only_resumed(digi
     trials = []
     for label, status, aurocs in (("done", "TERMINATED", [0.6, 0.7, 0.8]), ("paused", "PENDING", [0.5]),
                                   ("waiting", "PENDING", [])):
-        trial_dir = out / f"t_{label}"
-        history = []
-        for epoch, value in enumerate(aurocs, start=1):
-            checkpoint = trial_dir / "run" / f"checkpoint_{epoch}"
-            checkpoint.mkdir(parents=True)
-            (checkpoint / ckpt.MODEL_FILE).write_bytes(b"weights")
-            history.append({"epoch": epoch, "val_auroc": value, "val_loss": 1 - value,
-                            "checkpoint_path": str(checkpoint), "time_this_iter_s": 1.0})
-        trials.append({"trial": trial_dir.name, "trial_id": label, "trial_dir": str(trial_dir), "tune_status": status,
-                       "config": {"setting": plan["ablation"]["settings"][0]["label"]}, "history": history,
-                       "error": None})
+        trials.append(fake_trial(out / f"t_{label}", label, plan["ablation"]["settings"][0]["label"], aurocs,
+                                 status=status))
     result = write_results(out, plan, trials, interrupted=True)
     assert result.interrupted
     assert sorted(r["status"] for r in result.trials) == ["complete", "pending", "unfinished"]
