@@ -539,7 +539,10 @@ def node_loss(cluster, shards):
         time.sleep(0.2)
     assert checkpointed is not None, "no checkpoint before the deadline"
     ended_before_kill = storage.location(f"{run}/{ckpt.RUN_FILE}").exists()
-    (raylet,) = cluster.second.processes("/raylet ")
+    # The raylet is the matching process whose parent is not one: a worker it is forking has its command
+    # line until the exec, so a second match can show up for a moment.
+    found = cluster.second.processes("/raylet ")
+    (raylet,) = [pid for pid in found if _parent(pid) not in found]
     crashed = {*cluster.second.processes(), *_descendants(raylet)} - {raylet}  # with the workers it started
     killed_at = time.monotonic()
     # A crash: every process of the node at once (a raylet killed alone leaves its workers training on
@@ -558,16 +561,21 @@ def node_loss(cluster, shards):
     }
 
 
+def _parent(pid: int) -> int | None:
+    """The parent PID of ``pid``, None when it has gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process started by ``pid``, and by those, ... (Ray workers rename their command lines)."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(parent, []).append(int(entry.name))
+            if (parent := _parent(int(entry.name))) is not None:
+                parents.setdefault(parent, []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         children = parents.get(todo.pop(), [])
