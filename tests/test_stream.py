@@ -10,11 +10,13 @@ from medood.platform.data.schema import SHARD_SCHEMA, Record
 from medood.platform.data.stream import (
     InputSpec,
     augment_batch,
+    case_map,
     collate,
     percentiles_of,
     prepare_batch,
     prepare_sample,
     scale_intensity,
+    to_input_grid,
 )
 
 
@@ -60,6 +62,68 @@ def test_preprocessing_is_deterministic_without_rng_and_transforms_apply_when_tr
     flip = Compose([RandFlipd(keys=["image", "mask"], prob=1.0, spatial_axis=0)])
     flipped = prepare_sample(image, None, 0, "x", spec, rng=np.random.default_rng(0), transforms=flip)[0]["image"]
     np.testing.assert_allclose(flipped, a[:, ::-1, :])
+
+
+def _box(shape, box) -> np.ndarray:
+    out = np.zeros(shape, np.float32)
+    out[tuple(slice(a, b) for a, b in box)] = 1.0
+    return out
+
+
+def _extent(mask: np.ndarray) -> list[int]:
+    """Side lengths of the bounding box of a mask's non-zero voxels."""
+    nonzero = np.nonzero(mask > 0.5)
+    return [int(ax.max() - ax.min() + 1) for ax in nonzero]
+
+
+def test_pad_to_square_keeps_the_aspect_ratio_and_maps_back_to_the_input():
+    # A 40 x 80 image holding a 20 x 20 square: stretched to 32 x 32 the square becomes 16 x 8; resized on
+    # its longest side and padded it stays 8 x 8, inside the 16 content rows, with 8 zero rows above and below.
+    shape = (40, 80)
+    image = np.random.default_rng(0).random(shape).astype(np.float32) + 1.0
+    square = _box(shape, [(10, 30), (30, 50)])
+    stretched = InputSpec(spatial_dims=2, image_size=32)
+    padded = InputSpec(spatial_dims=2, image_size=32, pad_to_square=True)
+    (s,) = prepare_sample(image, square, 1, "x", stretched)
+    (p,) = prepare_sample(image, square, 1, "x", padded)
+    assert _extent(s["mask"][0]) == [16, 8]
+    assert _extent(p["mask"][0]) == [8, 8]
+    assert p["image"].shape == (1, 32, 32)
+    assert not p["image"][0, :8].any() and not p["image"][0, 24:].any() and (p["image"][0, 8:24] > 0).mean() > 0.95
+    # back to the input: the padding is cropped before resizing, so the map lands where the square was
+    for spec, sample in ((stretched, s), (padded, p)):
+        back = to_input_grid(sample["mask"][0], shape, spec)
+        assert back.shape == shape
+        overlap = ((back > 0.5) & (square > 0)).sum() / ((back > 0.5) | (square > 0)).sum()
+        assert overlap > 0.85, (spec, overlap)
+        np.testing.assert_array_equal(case_map([("x", sample["mask"][0])], shape, spec), back)
+    # the padded map read as if it were stretched would misplace the square (what the crop prevents)
+    wrong = to_input_grid(p["mask"][0], shape, stretched) > 0.5
+    assert ((wrong & (square > 0)).sum() / (wrong | (square > 0)).sum()) < 0.6
+
+
+def test_pad_to_square_on_volumes_and_on_the_slices_of_a_volume():
+    shape = (20, 24, 16)
+    blob = _box(shape, [(6, 14), (8, 16), (4, 12)])
+    image = blob + np.random.default_rng(0).random(shape).astype(np.float32) + 1.0
+    spec3 = InputSpec(spatial_dims=3, image_size=12, pad_to_square=True)
+    (v,) = prepare_sample(image, blob, 1, "v", spec3)
+    assert v["image"].shape == (1, 12, 12, 12)
+    # 24 -> 12 on the longest axis: 20 -> 10 and 16 -> 8, padded (1, 1) and (2, 2)
+    assert not v["image"][0, [0, 11]].any() and not v["image"][0, :, :, [0, 1, 10, 11]].any()
+    assert (v["image"][0, 1:11, :, 2:10] > 0).mean() > 0.95  # the content (percentile scaling clips a few to 0)
+    assert _extent(v["mask"][0]) == [4, 4, 4]
+    back = case_map([("v", v["mask"][0])], shape, spec3)
+    assert back.shape == shape and ((back > 0.5) == (blob > 0)).mean() > 0.97
+    # a 2D method on the volume's axial slices: each 20 x 24 slice padded to 32 x 32 and placed back
+    spec2 = InputSpec(spatial_dims=2, image_size=32, slice_axis=2, min_foreground=0.0, pad_to_square=True)
+    samples = prepare_sample(image, blob, 1, "v", spec2)
+    assert [s["image"].shape for s in samples] == [(1, 32, 32)] * 16
+    # each (20, 24) slice -> (27, 32): 2 zero rows above and 3 below
+    assert all(not s["image"][0, :2].any() and not s["image"][0, 29:].any() for s in samples)
+    volume = case_map([(s["id"], s["mask"][0]) for s in samples[:12]], shape, spec2)
+    assert volume.shape == shape and not volume[:, :, 12:].any()  # slices not given stay 0
+    assert ((volume[:, :, :12] > 0.5) == (blob[:, :, :12] > 0)).mean() > 0.97
 
 
 def test_in_channels_repeat_gray():

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +34,15 @@ import torch
 from medood.platform import checkpoint as ckpt
 from medood.platform import metrics as M
 from medood.platform import storage
-from medood.platform.data.stream import read_cases, read_manifest, read_split, to_torch_batch
-
-_SLICE_ID = re.compile(r"^(?P<case>.*)#(?P<axis>\d):(?P<index>\d+)$")
+from medood.platform.data.stream import (
+    SLICE_ID,
+    InputSpec,
+    case_map,
+    read_cases,
+    read_manifest,
+    read_split,
+    to_torch_batch,
+)
 
 
 @dataclass
@@ -142,10 +147,10 @@ def evaluate(
     labels, scores = scored.arrays()
     results["sample"] = sample_metrics(labels, scores, threshold, n_bootstrap=n_bootstrap)
     case_ids, case_labels, case_scores = pool_cases(scored)
-    if any(_SLICE_ID.match(i) for i in scored.ids):
+    if any(SLICE_ID.match(i) for i in scored.ids):
         results["case"] = sample_metrics(case_labels, case_scores, threshold, n_bootstrap=n_bootstrap)
     cases = read_cases(data, split, masks=True)
-    volumes = case_maps(scored, cases) if scored.maps else {}
+    volumes = case_maps(scored, cases, model.input_spec) if scored.maps else {}
     if volumes and any(cases[c]["mask"] is not None for c in volumes):
         results["pixel"] = pixel_metrics(volumes, cases)
     types = {c: anomaly_type(cases[c]) for c in case_ids}
@@ -190,37 +195,19 @@ def sample_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, *, 
     return out
 
 
-def case_maps(scored: ScoredSplit, cases: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Calibrated anomaly maps in each case's input space: what the MOOD submission holds.
-
-    Whole-image / whole-volume maps are resized to the input's shape; slice maps (``case#axis:index``)
-    are resized to the input's plane and placed at their index (slices never scored stay 0).
-    """
-    from monai.transforms import Resize
-
-    volumes: dict[str, np.ndarray] = {}
+def case_maps(
+    scored: ScoredSplit, cases: dict[str, dict[str, Any]], spec: InputSpec
+) -> dict[str, np.ndarray]:
+    """Calibrated anomaly maps in each case's input space (``stream.case_map``): what the MOOD
+    submission holds. Slices never scored stay 0."""
+    per_case: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
     for sample_id in scored.ids:
-        if sample_id not in scored.maps:
-            continue
-        match = _SLICE_ID.match(sample_id)
-        case = match["case"] if match else sample_id
-        shape = cases[case]["shape"]
-        prediction = scored.maps[sample_id]
-        if match:
-            axis, index = int(match["axis"]), int(match["index"])
-            plane_shape = tuple(s for a, s in enumerate(shape) if a != axis)
-            plane = prediction if prediction.shape == plane_shape else np.asarray(Resize(plane_shape, mode="bilinear")(prediction[None]))[0]
-            if case not in volumes:
-                volumes[case] = np.zeros(shape, dtype=np.float32)
-            slicer = [slice(None)] * len(shape)
-            slicer[axis] = index
-            volumes[case][tuple(slicer)] = plane
-        elif prediction.shape == tuple(shape):
-            volumes[case] = prediction.astype(np.float32)
-        else:
-            mode = "trilinear" if len(shape) == 3 else "bilinear"
-            volumes[case] = np.asarray(Resize(shape, mode=mode)(prediction[None]), dtype=np.float32)[0]
-    return {case: np.clip(v, 0.0, 1.0) for case, v in volumes.items()}
+        if sample_id in scored.maps:
+            match = SLICE_ID.match(sample_id)
+            per_case[match["case"] if match else sample_id].append((sample_id, scored.maps[sample_id]))
+    return {
+        case: np.clip(case_map(samples, cases[case]["shape"], spec), 0.0, 1.0) for case, samples in per_case.items()
+    }
 
 
 def pixel_metrics(volumes: dict[str, np.ndarray], cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -291,7 +278,7 @@ def pool_cases(scored: ScoredSplit) -> tuple[list[str], np.ndarray, np.ndarray]:
     labels: dict[str, int] = {}
     scores: dict[str, float] = defaultdict(lambda: -np.inf)
     for sample_id, label, score in zip(scored.ids, scored.labels, scored.scores):
-        match = _SLICE_ID.match(sample_id)
+        match = SLICE_ID.match(sample_id)
         case = match["case"] if match else sample_id
         scores[case] = max(scores[case], score)
         labels[case] = max(labels.get(case, -1), label)

@@ -117,7 +117,6 @@ CONTENT_TYPES: dict[str, frozenset[str] | None] = {
     "image/bmp": frozenset({"bmp"}),
     "image/tiff": frozenset({"tiff"}),
 }
-_SLICE_ID = re.compile(r"#(?P<axis>\d+):(?P<index>\d+)$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -803,7 +802,9 @@ class ModelServer:
             "input": {"format": prepared.format, "shape": list(prepared.shape)},
         }
         if prepared.sliced:
-            match = _SLICE_ID.search(prepared.ids[best])
+            from medood.platform.data.stream import SLICE_ID
+
+            match = SLICE_ID.match(prepared.ids[best])
             out["slices"] = {
                 "axis": int(self.spec.slice_axis),
                 "scored": len(prepared.ids),
@@ -992,31 +993,10 @@ def encode_map(prepared: Prepared, calibrated: np.ndarray, spec: Any) -> dict[st
     Volumes: gzipped NIfTI, float32 in [0, 1], with the reader's affine (identity without one);
     slices a 2D method skipped (background) stay 0. 2D images: 16-bit gray PNG, value / 65535.
     """
-    from monai.transforms import Resize
+    from medood.platform.data.stream import case_map
 
     shape = prepared.shape
-    if prepared.sliced:
-        volume = np.zeros(shape, dtype=np.float32)
-        axis = int(spec.slice_axis)
-        plane_shape = tuple(s for a, s in enumerate(shape) if a != axis)
-        for sample_id, prediction in zip(prepared.ids, calibrated[:, 0]):
-            index = int(_SLICE_ID.search(sample_id)["index"])
-            plane = (
-                prediction
-                if prediction.shape == plane_shape
-                else np.asarray(Resize(plane_shape, mode="bilinear")(prediction[None]))[0]
-            )
-            slicer: list[Any] = [slice(None)] * len(shape)
-            slicer[axis] = index
-            volume[tuple(slicer)] = plane
-        result = volume
-    else:
-        prediction = calibrated[0, 0]
-        if prediction.shape == shape:
-            result = prediction
-        else:
-            mode = "trilinear" if len(shape) == 3 else "bilinear"
-            result = np.asarray(Resize(shape, mode=mode)(prediction[None]))[0]
+    result = case_map(zip(prepared.ids, calibrated[:, 0]), shape, spec)
     result = np.clip(np.asarray(result, dtype=np.float32), 0.0, 1.0)
     if len(shape) == 3:
         import nibabel as nib

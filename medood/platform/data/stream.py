@@ -23,7 +23,8 @@ Output rows (and batches) hold:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ _log = logging.getLogger(__name__)
 #: Share of Ray's object store that materialized (preprocessed) training splits may take.
 MATERIALIZE_FRACTION = 0.5
 MIB = 1024 * 1024
+#: The id of one slice of a case that a 2D method sees (``prepare_sample``): ``case#axis:index``.
+SLICE_ID = re.compile(r"^(?P<case>.*)#(?P<axis>\d):(?P<index>\d+)$")
 #: Largest block a read task emits (a few preprocessed 128^3 volumes or thousands of 2D images).
 TARGET_BLOCK_BYTES = 32 * MIB
 
@@ -55,6 +58,10 @@ class InputSpec:
     patch_size: 3D only: random cubic patches of this side instead of the whole resized volume (training).
     patches_per_volume: how many random patches one volume yields.
     intensity_percentiles: (low, high) percentiles mapped to [0, 1] per image / volume, clipped.
+    pad_to_square: resize the longest side to ``image_size`` keeping the aspect ratio, then pad with
+        zeros (centred) to the square / cube (MONAI ``Resize(size_mode="longest")`` + ``SpatialPad``):
+        the self-taught paper's ResizeMax + PadToSquare (Spahr et al., Sec. 4.1 and Fig. 5, for MURA's
+        radiographs of every aspect ratio). ``False`` (default) stretches every image to the square.
     """
 
     spatial_dims: int = 2
@@ -65,6 +72,7 @@ class InputSpec:
     patch_size: int | None = None
     patches_per_volume: int = 1
     intensity_percentiles: tuple[float, float] = (0.5, 99.5)
+    pad_to_square: bool = False
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> InputSpec:
@@ -406,8 +414,6 @@ def prepare_sample(
     With ``rng`` (training) 3D patches are drawn at random and ``transforms`` apply; without it the
     output is deterministic, which is what evaluation and serving use.
     """
-    from monai.transforms import Resize
-
     image = np.asarray(image, dtype=np.float32)
     if image.ndim not in (2, 3):
         raise ValueError(f"{case_id}: expected a 2D image or a 3D volume, got an array of shape {image.shape}")
@@ -434,15 +440,10 @@ def prepare_sample(
         views.append((case_id, image, mask_f, label))
 
     size = (spec.image_size,) * spec.spatial_dims
-    resize_image = Resize(size, mode="area" if spec.spatial_dims == 2 else "trilinear")
-    resize_mask = Resize(size, mode="nearest")
     samples = []
     for view_id, view, view_mask, view_label in views:
-        x = view[None]
-        m = view_mask[None] if view_mask is not None else None
-        if tuple(view.shape) != size:
-            x = np.asarray(resize_image(x), dtype=np.float32)
-            m = None if m is None else np.asarray(resize_mask(m), dtype=np.float32)
+        x = to_model_grid(view[None], spec)
+        m = None if view_mask is None else to_model_grid(view_mask[None], spec, nearest=True)
         if spec.in_channels > 1:
             x = np.repeat(x, spec.in_channels, axis=0)
         sample = {
@@ -456,6 +457,65 @@ def prepare_sample(
     if rng is not None:
         samples = augment_samples(samples, spec, rng=rng, transforms=transforms)
     return samples
+
+
+def to_model_grid(x: np.ndarray, spec: InputSpec, *, nearest: bool = False) -> np.ndarray:
+    """A channel-first view (an image, a slice or a volume) on the method's grid: resized to the square /
+    cube of ``spec.image_size`` (area / trilinear; ``nearest`` for masks), or with ``spec.pad_to_square``
+    resized on its longest side and zero-padded, centred. ``to_input_grid`` maps back."""
+    from monai.transforms import Resize, SpatialPad
+
+    size = (spec.image_size,) * spec.spatial_dims
+    if tuple(x.shape[1:]) == size:
+        return np.asarray(x, dtype=np.float32)
+    mode = "nearest" if nearest else ("area" if spec.spatial_dims == 2 else "trilinear")
+    if not spec.pad_to_square:
+        return np.asarray(Resize(size, mode=mode)(x), dtype=np.float32)
+    resized = Resize(spec.image_size, size_mode="longest", mode=mode)(x)
+    return np.asarray(SpatialPad(size, method="symmetric")(resized), dtype=np.float32)
+
+
+def to_input_grid(prediction: np.ndarray, shape: tuple[int, ...], spec: InputSpec) -> np.ndarray:
+    """The inverse of ``to_model_grid`` for a map (no channel axis): the padding cropped away where
+    ``spec.pad_to_square`` added it, then resized (bi- / trilinear) to the view's ``shape``."""
+    from monai.transforms import Resize
+
+    shape = tuple(int(s) for s in shape)
+    if prediction.shape == shape:
+        return np.asarray(prediction, dtype=np.float32)
+    if spec.pad_to_square:
+        # the region ``Resize(size_mode="longest")`` filled and ``SpatialPad(method="symmetric")`` centred
+        scale = spec.image_size / max(shape)
+        inner = [int(round(s * scale)) for s in shape]
+        starts = [(n - i) // 2 for n, i in zip(prediction.shape, inner)]
+        prediction = prediction[tuple(slice(b, b + i) for b, i in zip(starts, inner))]
+        if prediction.shape == shape:
+            return np.asarray(prediction, dtype=np.float32)
+    mode = "trilinear" if len(shape) == 3 else "bilinear"
+    return np.asarray(Resize(shape, mode=mode)(prediction[None]), dtype=np.float32)[0]
+
+
+def case_map(samples: Iterable[tuple[str, np.ndarray]], shape: tuple[int, ...], spec: InputSpec) -> np.ndarray:
+    """One case's map in its input space, from the maps of its samples (``(sample id, map)``, model grid).
+
+    A whole image / volume's map is brought back with ``to_input_grid``; slice maps (``case#axis:index``)
+    are brought back to the input's plane and placed at their index (slices never scored stay 0).
+    What the MOOD submission, the report's voxel metrics and a served ``?map=true`` hold.
+    """
+    shape = tuple(int(s) for s in shape)
+    volume: np.ndarray | None = None
+    for sample_id, prediction in samples:
+        match = SLICE_ID.match(sample_id)
+        if match is None:
+            return to_input_grid(prediction, shape, spec)
+        axis, index = int(match["axis"]), int(match["index"])
+        plane_shape = tuple(s for a, s in enumerate(shape) if a != axis)
+        if volume is None:
+            volume = np.zeros(shape, dtype=np.float32)
+        slicer: list[Any] = [slice(None)] * len(shape)
+        slicer[axis] = index
+        volume[tuple(slicer)] = to_input_grid(prediction, plane_shape, spec)
+    return np.zeros(shape, dtype=np.float32) if volume is None else volume
 
 
 def scale_intensity(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
