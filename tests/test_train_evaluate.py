@@ -269,3 +269,28 @@ def test_a_client_driver_gets_its_progress_lines_through_a_ray_queue(ray_local, 
         printer.callback.after_report(None, [m], None)
     printer.close()  # drains the queue before it stops
     assert capsys.readouterr().out.splitlines() == [f"[remote] {progress.progress_line(m)}" for m in reports]
+
+
+def test_training_epochs_draw_new_patches_every_epoch_and_one_worker_keeps_its_split(ray_local, brain):
+    """3D random patches are drawn per epoch from (seed, epoch, case): each epoch sees new ones, and a
+    single worker's in-memory copy of the preprocessed split (epochs after the first) draws exactly what
+    streaming it through Ray Data again would."""
+    from medood.platform.data.stream import InputSpec, split_count, training_datasets
+    from medood.platform.train import _TrainingEpochs
+
+    spec = InputSpec(spatial_dims=3, image_size=16, patch_size=8)
+
+    def epochs(cache: bool) -> tuple[_TrainingEpochs, list[dict[str, torch.Tensor]]]:
+        data = training_datasets(brain, spec, batch_size=2, with_val=False)["train"]
+        batches = _TrainingEpochs(data.iterator(), spec, 3, torch.device("cpu"), seed=0, shuffle_buffer=0, cache=cache)
+        return batches, [{i: x for b in batches.epoch(e) for i, x in zip(b["id"], b["image"])} for e in range(3)]
+
+    cached, drawn = epochs(True)
+    assert cached.rows is not None and len(cached.rows["id"]) == split_count(brain, "train")
+    assert all(len(d) == split_count(brain, "train") for d in drawn)  # every case once per epoch
+    assert all(x.shape == (1, 8, 8, 8) for x in drawn[0].values())
+    assert sum(not torch.equal(drawn[0][i], drawn[1][i]) for i in drawn[0]) >= len(drawn[0]) // 2  # new patches
+    streamed, again = epochs(False)
+    assert streamed.rows is None
+    for a, b in zip(drawn, again):
+        assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)

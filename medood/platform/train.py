@@ -61,10 +61,18 @@ from medood import methods
 from medood.platform import checkpoint as ckpt
 from medood.platform import metrics as M
 from medood.platform import storage
-from medood.platform.data.stream import InputSpec, read_manifest, to_torch_batch, training_datasets
+from medood.platform.data.stream import (
+    InputSpec,
+    augment_batch,
+    read_manifest,
+    to_torch_batch,
+    training_datasets,
+)
 from medood.platform.progress import ProgressPrinter
 
 LABEL_FREE_METRICS = ("val_loss", "val_sensitivity")
+#: A single worker keeps its preprocessed train split in memory up to this size (``_TrainingEpochs``).
+WORKER_CACHE_BYTES = 2 * 1024**3
 METRIC_ALIASES = {"sensitivity": "val_sensitivity"}
 
 
@@ -134,15 +142,14 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
 
     out = storage.location(options.out)  # a local folder or s3://bucket/prefix
     out.makedirs()
-    seed = int(config.seed)
     if not ray.is_initialized():
         from medood.platform.jobs import ensure_ray
 
         ensure_ray()
     # Decoded, scaled, sliced and resized once per run (kept in the object store when it fits, else
-    # streamed every epoch); random patches / augmentation run after it, every epoch.
+    # streamed every epoch); the workers draw the random part (3D patches) per batch, every epoch.
     datasets = training_datasets(
-        options.data, spec, seed=seed, batch_size=4,
+        options.data, spec, batch_size=4,
         with_val=bool(int(manifest["counts"].get("val", {}).get("total", 0))),
     )
     if not methods.get(options.method).trainable:
@@ -151,7 +158,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     if aux_data:
         # Preprocessed like the training images (same size, channels, intensity scaling); not split over
         # the workers: each draws its own random auxiliary images, cycling through the set.
-        datasets["aux"] = training_datasets(aux_data, spec, seed=seed + 1, batch_size=4, with_val=False)["reference"]
+        datasets["aux"] = training_datasets(aux_data, spec, batch_size=4, with_val=False)["reference"]
     # The train split is split over the workers (``streaming_split``: a SplitCoordinator actor runs the
     # pipeline and hands each worker its blocks, every epoch). One worker gets the whole split anyway, so
     # it iterates the dataset itself: the same blocks in the same order, without that actor's start
@@ -240,6 +247,10 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
     tracker = _Tracker(loop["wandb"]) if rank == 0 else None
 
     train_shard = _maybe_shard("train")  # none for training-free methods
+    train_batches = _TrainingEpochs(
+        train_shard, spec, int(config.batch_size), device, seed=int(config.seed),
+        shuffle_buffer=int(loop["shuffle_buffer"]), cache=world == 1,
+    )
     aux_shard = _maybe_shard("aux")
     reference = ray.train.get_dataset_shard("reference") if rank == 0 else None
     val = _maybe_shard("val") if rank == 0 else None
@@ -296,7 +307,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                         schedulers[name].load_state_dict(state)
             if first_epoch == 0 and stage.epochs > 0:
                 # Stage hook: statistics of the whole training split, gathered over the workers.
-                begin_stage(model, stage.name, _torch_batches(train_shard, batch_size, device), world_size=world)
+                begin_stage(model, stage.name, train_batches.epoch(global_epoch), world_size=world)
             for epoch in range(first_epoch, stage.epochs):
                 _seed_everything(int(config.seed) + 1000 * global_epoch + rank)
                 t0, cpu0 = time.perf_counter(), time.thread_time()
@@ -306,23 +317,16 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
                 samples = 0
                 known_anomalies = 0
                 data_wait = 0.0  # seconds this worker waited for its next batch (the data path's share)
-                batches = iter(train_shard.iter_batches(
-                    batch_size=batch_size,
-                    batch_format="numpy",
-                    local_shuffle_buffer_size=loop["shuffle_buffer"] or None,
-                    local_shuffle_seed=int(config.seed) + global_epoch,
-                    drop_last=False,
-                ))
+                batches = train_batches.epoch(global_epoch)
                 aux_images = (
                     _AuxiliaryImages(aux_shard, batch_size, device, seed=int(config.seed) + global_epoch)
                     if aux_shard is not None else None
                 )
                 while True:
                     t_wait = time.perf_counter()
-                    batch = next(batches, None)
-                    if batch is None:
+                    tb = next(batches, None)
+                    if tb is None:
                         break
-                    tb = to_torch_batch(batch, device)
                     if aux_images is not None:
                         tb["aux_image"] = aux_images.take(len(tb["id"]))
                     data_wait += time.perf_counter() - t_wait
@@ -662,6 +666,65 @@ def _ordered_ingest() -> Any:
 def _torch_batches(shard: Any, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         yield to_torch_batch(batch, device)
+
+
+class _TrainingEpochs:
+    """The worker's training batches, epoch by epoch, as torch batches.
+
+    The shard holds the deterministically preprocessed train split (materialized once per run when it
+    fits; ``stream.training_datasets``). Epoch ``e``'s random part (3D patches) is drawn per case from
+    ``(seed, e, case)`` (``augment_batch``): new patches every epoch, the same ones on a rerun.
+
+    One worker (``cache``) keeps the preprocessed rows of its first pass in memory while they stay under
+    ``WORKER_CACHE_BYTES``, and later epochs shuffle them with a permutation drawn from ``(seed, e)`` and
+    batch them without a Ray Data pass (issue 10: a pass pays an executor start, and every batch an
+    Arrow -> numpy conversion). Several workers stream every epoch: Ray's ``streaming_split`` hands each
+    epoch's blocks to all of them together, and a worker that stopped asking would stall the others.
+    A pass through Ray Data shuffles within a ``shuffle_buffer`` of rows, seeded with ``seed + e``.
+    """
+
+    def __init__(
+        self, shard: Any, spec: InputSpec, batch_size: int, device: torch.device, *, seed: int,
+        shuffle_buffer: int, cache: bool,
+    ) -> None:
+        self.shard, self.spec, self.batch_size, self.device = shard, spec, batch_size, device
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.caching = cache  # still collecting the first pass's rows
+        self.rows: dict[str, np.ndarray] | None = None  # the cached rows, once a whole pass fitted
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        if self.rows is not None:
+            yield from self._cached(epoch)
+            return
+        kept: list[dict[str, np.ndarray]] = []
+        size = 0
+        for batch in self.shard.iter_batches(
+            batch_size=self.batch_size, batch_format="numpy", drop_last=False,
+            local_shuffle_buffer_size=self.shuffle_buffer or None, local_shuffle_seed=self.seed + epoch,
+        ):
+            if self.caching:
+                size += sum(np.asarray(v).nbytes for v in batch.values())
+                if size <= WORKER_CACHE_BYTES:
+                    kept.append({k: np.array(v) for k, v in batch.items()})
+                else:
+                    self.caching, kept = False, []
+            yield self._to_torch(batch, epoch)
+        if self.caching and kept:
+            self.rows = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+        self.caching = False
+
+    def _cached(self, epoch: int) -> Iterator[dict[str, Any]]:
+        rows = self.rows
+        assert rows is not None
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(rows["id"]))
+        for start in range(0, len(order), self.batch_size):
+            picked = order[start : start + self.batch_size]
+            yield self._to_torch({k: v[picked] for k, v in rows.items()}, epoch)
+
+    def _to_torch(self, batch: dict[str, np.ndarray], epoch: int) -> dict[str, Any]:
+        if "seed_key" in batch:  # the spec has a random part (stream.training_datasets keeps the key then)
+            batch = augment_batch(batch, self.spec, seed=int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+        return to_torch_batch(batch, self.device)
 
 
 class _AuxiliaryImages:

@@ -9,8 +9,9 @@ input size, random 3D patches. Because it is one function, a served score equals
 The data path (issue 10): Ray Data's V1 Parquet reader with one read task per shard file, the
 decode (a zero-copy view of each batch's Arrow buffer) and the preprocessing fused into that task;
 ``training_datasets`` computes the deterministic preprocessing once per training run and keeps it
-in the object store when it fits (else it streams every epoch), and ``augment`` applies the random
-part (3D patches, transforms) after it, every epoch, drawn from the seed and the case only.
+in the object store when it fits (else it streams every epoch); the training loop applies the random
+part (3D patches: ``augment_batch``) to each batch, drawn from the seed, the epoch and the case.
+``augment`` is the same random part as a Ray Data map, for ``read_split(..., training=True)``.
 
 Output rows (and batches) hold:
     image    float32 (C, *spatial), intensities in [0, 1]
@@ -160,19 +161,18 @@ def training_datasets(
     shards: str | Path,
     spec: InputSpec,
     *,
-    seed: int,
-    transforms: Callable | None = None,
     batch_size: int = 4,
     with_val: bool = True,
     materialize: bool | None = None,
     budget_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """The datasets a training run needs: ``train`` (augmented), ``reference`` and, with ``with_val``, ``val``.
+    """The datasets a training run needs: ``train``, ``reference`` and, with ``with_val``, ``val``.
 
     Deterministic preprocessing (decode, intensity scaling, slicing, resizing) is computed once per
     run and kept in Ray's object store when the preprocessed splits fit in ``budget_fraction`` of it
     (``materialize=None``: decided by size; ``True`` / ``False`` force it), so an epoch does not pay
-    for reading, decoding and scaling again; random augmentation runs after it, every epoch.
+    for reading, decoding and scaling again. ``train`` carries each case's ``seed_key`` when the spec
+    has a random part (3D patches), which the training loop draws per epoch (``augment_batch``).
     ``reference`` (the normal-data pass for calibration) is the same preprocessed train split.
     When a split does not fit it streams from the shards every epoch (one log line says so); memory
     then stays bounded by Ray Data's streaming executor.
@@ -185,7 +185,7 @@ def training_datasets(
     splits = ["train"] + (["val"] if with_val else [])
     out: dict[str, Any] = {}
     for split in splits:
-        needs_key = split == "train" and _needs_augmentation(spec, transforms)
+        needs_key = split == "train" and _needs_augmentation(spec, None)
         base = _preprocess(_read_shards(shards, split), spec, needs_key, batch_size)
         need = preprocessed_bytes(shards, split, spec)
         fits = need <= budget if materialize is None else bool(materialize)
@@ -199,7 +199,7 @@ def training_datasets(
                 split, need / MIB, 100 * fraction, store / MIB,
             )
         if split == "train":
-            out["train"] = augment(base, spec, transforms=transforms, seed=seed)
+            out["train"] = base
             out["reference"] = base
         else:
             out[split] = base
