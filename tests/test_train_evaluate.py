@@ -281,7 +281,9 @@ def test_training_epochs_draw_new_patches_every_epoch_and_one_worker_keeps_its_s
     spec = InputSpec(spatial_dims=3, image_size=16, patch_size=8)
 
     def epochs(cache: bool) -> tuple[_TrainingEpochs, list[dict[str, torch.Tensor]]]:
-        data = training_datasets(brain, spec, batch_size=2, with_val=False)["train"]
+        datasets, materialized = training_datasets(brain, spec, batch_size=2, with_val=False)
+        assert materialized == {"train"}
+        data = datasets["train"]
         batches = _TrainingEpochs(data.iterator(), spec, 3, torch.device("cpu"), seed=0, shuffle_buffer=0, cache=cache)
         return batches, [{i: x for b in batches.epoch(e) for i, x in zip(b["id"], b["image"])} for e in range(3)]
 

@@ -148,7 +148,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         ensure_ray()
     # Decoded, scaled, sliced and resized once per run (kept in the object store when it fits, else
     # streamed every epoch); the workers draw the random part (3D patches) per batch, every epoch.
-    datasets = training_datasets(
+    datasets, materialized = training_datasets(
         options.data, spec, batch_size=4,
         with_val=bool(int(manifest["counts"].get("val", {}).get("total", 0))),
     )
@@ -158,7 +158,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     if aux_data:
         # Preprocessed like the training images (same size, channels, intensity scaling); not split over
         # the workers: each draws its own random auxiliary images, cycling through the set.
-        datasets["aux"] = training_datasets(aux_data, spec, batch_size=4, with_val=False)["reference"]
+        datasets["aux"] = training_datasets(aux_data, spec, batch_size=4, with_val=False)[0]["reference"]
     # The train split is split over the workers (``streaming_split``: a SplitCoordinator actor runs the
     # pipeline and hands each worker its blocks, every epoch). One worker gets the whole split anyway, so
     # it iterates the dataset itself: the same blocks in the same order, without that actor's start
@@ -175,6 +175,9 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
         "mixed_precision": use_gpu if options.mixed_precision is None else bool(options.mixed_precision),
         "cpus_per_worker": float(options.cpus_per_worker),
         "shuffle_buffer": int(options.shuffle_buffer),
+        # one worker keeps a materialized train split in its memory (``_TrainingEpochs``); a streamed one
+        # did not fit in the object store, so it stays streamed
+        "cache_train": options.workers == 1 and "train" in materialized,
         "threshold_rule": options.threshold_rule,
         "metric": metric,
         "mode": mode,
@@ -249,7 +252,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
     train_shard = _maybe_shard("train")  # none for training-free methods
     train_batches = _TrainingEpochs(
         train_shard, spec, int(config.batch_size), device, seed=int(config.seed),
-        shuffle_buffer=int(loop["shuffle_buffer"]), cache=world == 1,
+        shuffle_buffer=int(loop["shuffle_buffer"]), cache=bool(loop.get("cache_train")) and world == 1,
     )
     aux_shard = _maybe_shard("aux")
     reference = ray.train.get_dataset_shard("reference") if rank == 0 else None
@@ -675,8 +678,8 @@ class _TrainingEpochs:
     fits; ``stream.training_datasets``). Epoch ``e``'s random part (3D patches) is drawn per case from
     ``(seed, e, case)`` (``augment_batch``): new patches every epoch, the same ones on a rerun.
 
-    One worker (``cache``) keeps the preprocessed rows of its first pass in memory while they stay under
-    ``WORKER_CACHE_BYTES``, and later epochs shuffle them with a permutation drawn from ``(seed, e)`` and
+    One worker (``cache``: its split was materialized, so it fits in half the object store) keeps the
+    preprocessed rows of its first pass in memory while they stay under ``WORKER_CACHE_BYTES``, and later epochs shuffle them with a permutation drawn from ``(seed, e)`` and
     batch them without a Ray Data pass (issue 10: a pass pays an executor start, and every batch an
     Arrow -> numpy conversion). Several workers stream every epoch: Ray's ``streaming_split`` hands each
     epoch's blocks to all of them together, and a worker that stopped asking would stall the others.

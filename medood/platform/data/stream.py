@@ -165,8 +165,9 @@ def training_datasets(
     with_val: bool = True,
     materialize: bool | None = None,
     budget_fraction: float | None = None,
-) -> dict[str, Any]:
-    """The datasets a training run needs: ``train``, ``reference`` and, with ``with_val``, ``val``.
+) -> tuple[dict[str, Any], set[str]]:
+    """The datasets a training run needs (``train``, ``reference`` and, with ``with_val``, ``val``), and
+    the splits among them that were materialized.
 
     Deterministic preprocessing (decode, intensity scaling, slicing, resizing) is computed once per
     run and kept in Ray's object store when the preprocessed splits fit in ``budget_fraction`` of it
@@ -184,6 +185,7 @@ def training_datasets(
     budget = fraction * store
     splits = ["train"] + (["val"] if with_val else [])
     out: dict[str, Any] = {}
+    materialized: set[str] = set()
     for split in splits:
         needs_key = split == "train" and _needs_augmentation(spec, None)
         base = _preprocess(_read_shards(shards, split), spec, needs_key, batch_size)
@@ -192,6 +194,7 @@ def training_datasets(
         if fits:
             base = base.materialize()
             budget -= need
+            materialized.add(split)
         else:
             _log.warning(
                 "the preprocessed %s split (about %.0f MiB) does not fit in %.0f%% of Ray's object store "
@@ -203,7 +206,7 @@ def training_datasets(
             out["reference"] = base
         else:
             out[split] = base
-    return out
+    return out, materialized
 
 
 def preprocessed_bytes(shards: str | Path, split: str, spec: InputSpec | None) -> int:
