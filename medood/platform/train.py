@@ -252,7 +252,7 @@ def _train_loop_per_worker(loop: dict[str, Any]) -> None:
     train_shard = _maybe_shard("train")  # none for training-free methods
     train_batches = _TrainingEpochs(
         train_shard, spec, int(config.batch_size), device, seed=int(config.seed),
-        shuffle_buffer=int(loop["shuffle_buffer"]), cache=bool(loop.get("cache_train")) and world == 1,
+        shuffle_buffer=int(loop["shuffle_buffer"]), cache=bool(loop["cache_train"]),
     )
     aux_shard = _maybe_shard("aux")
     reference = ray.train.get_dataset_shard("reference") if rank == 0 else None
@@ -679,8 +679,8 @@ class _TrainingEpochs:
     ``(seed, e, case)`` (``augment_batch``): new patches every epoch, the same ones on a rerun.
 
     One worker (``cache``: its split was materialized, so it fits in half the object store) keeps the
-    preprocessed rows of its first pass in memory while they stay under ``WORKER_CACHE_BYTES``, and later epochs shuffle them with a permutation drawn from ``(seed, e)`` and
-    batch them without a Ray Data pass (issue 10: a pass pays an executor start, and every batch an
+    preprocessed rows of its first pass in memory while they stay under ``WORKER_CACHE_BYTES``, and later
+    epochs shuffle them with a permutation drawn from ``(seed, e)`` and batch them without a Ray Data pass (issue 10: a pass pays an executor start, and every batch an
     Arrow -> numpy conversion). Several workers stream every epoch: Ray's ``streaming_split`` hands each
     epoch's blocks to all of them together, and a worker that stopped asking would stall the others.
     A pass through Ray Data shuffles within a ``shuffle_buffer`` of rows, seeded with ``seed + e``.
