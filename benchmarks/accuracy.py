@@ -35,6 +35,9 @@ from medood.platform.demo import DemoRun
 
 RESULTS = Path(__file__).parent / "results"
 LEDGER = RESULTS / "accuracy_ledger.jsonl"
+# 2: keys include the method's resolved configuration (rows of version 1 are ignored: they could not
+# tell a changed preset from an unchanged one).
+KEY_VERSION = 2
 
 # Data sets at the sizes the benchmark uses. digitanatomy: the authors' SQUID setting (96 px, a 3 x 3
 # anatomy). Splits are ingest's 8:1:1 for normals, abnormal cases dealt to val / test; the brain set
@@ -58,9 +61,23 @@ class Run(DemoRun):
     rescore: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def key(self, seed: int) -> str:
+        """Ledger key: the run, the seed, the data set's recipe and the method's resolved configuration
+        (its preset's contents with the overrides applied), so a changed preset or default makes its
+        rows stale instead of silently reused."""
+        from medood import methods
+
         spec = {k: v for k, v in asdict(self).items() if k != "mood"}  # the benchmark writes no MOOD folders
-        blob = json.dumps({**spec, "seed": seed, "data": DATASETS[DATASET_OF_VIEW[self.dataset]]}, sort_keys=True, default=str)
+        config = asdict(methods.get(self.method).make_config(self.preset, {**self.overrides, "seed": seed}))
+        blob = json.dumps(
+            {**spec, "seed": seed, "data": DATASETS[DATASET_OF_VIEW[self.dataset]], "config": config, "key": KEY_VERSION},
+            sort_keys=True, default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def keys(self, seed: int) -> dict[str, str]:
+        """Ledger key of each result this run records: its own and one per rescore label."""
+        key = self.key(seed)
+        return {self.name: key, **{label: f"{key}:{label}" for label in self.rescore}}
 
 
 RUNS = [
@@ -185,11 +202,14 @@ def main() -> None:
         for run in RUNS:
             have = sorted(s for s in range(100) if run.key(s) in ledger)
             print(f"{run.dataset:<14} {run.name:<28} {run.method:<18} seeds in ledger: {have}")
+        stale = len(ledger) - len(current(ledger, range(100)))
+        if stale:
+            print(f"({stale} ledger rows match no current run: an older key format, preset or data recipe)")
         return
     if not args.report:
         _run_all(chosen, args, ledger)
         ledger = _read_ledger()
-    table = summarise(ledger, args.seeds)
+    table = summarise(current(ledger, args.seeds), args.seeds)
     print_table(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(table, indent=2, default=str))
@@ -249,7 +269,7 @@ def _run_all(runs: list[Run], args: argparse.Namespace, ledger: dict[str, dict])
             for name, (model_path, seconds) in entries.items():
                 results = evaluate(model_path, shards, out=work / "eval" / slug / name.replace(" ", "_"), n_bootstrap=200)
                 record = _record(run, name, seed, results, seconds)
-                record["key"] = key if name == run.name else f"{key}:{name}"
+                record["key"] = run.keys(seed)[name]
                 _append_ledger(record)
                 print(
                     f"   {name}: AUROC {record['auroc']:.3f}"
@@ -276,6 +296,12 @@ def _record(run: Run, name: str, seed: int, results: dict, wall: float) -> dict[
         "per_type": {k: v.get("auroc") for k, v in results.get("per_type", {}).items()},
         "wall_s": wall,
     }
+
+
+def current(ledger: dict[str, dict], seeds: Any) -> dict[str, dict]:
+    """The ledger rows of the current runs at ``seeds``: rows of a changed run or preset are left out."""
+    wanted = {key for run in RUNS for seed in seeds for key in run.keys(seed).values()}
+    return {key: record for key, record in ledger.items() if key in wanted}
 
 
 def _read_ledger() -> dict[str, dict]:

@@ -35,11 +35,21 @@ from pathlib import Path
 
 import numpy as np
 
+_LOADER = None
+
 
 def load_file(path: str) -> int:
-    from monai.transforms import LoadImage
+    """One file through MONAI ``LoadImage``, built once per process (as a user's Dataset would hold it)."""
+    global _LOADER
+    if _LOADER is None:
+        import warnings
 
-    return int(np.asarray(LoadImage(image_only=True, dtype=np.float32)(path)).size > 0)
+        from monai.transforms import LoadImage
+
+        with warnings.catch_warnings():  # MONAI's note that the optional nvImageCodec DICOM plugin is absent
+            warnings.simplefilter("ignore")
+            _LOADER = LoadImage(image_only=True, dtype=np.float32)
+    return int(np.asarray(_LOADER(path)).size > 0)
 
 
 def pyarrow_row_group(task: tuple[str, int]) -> int:
