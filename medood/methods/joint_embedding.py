@@ -422,6 +422,8 @@ class JointEmbedding(AnomalyMethod):
         # batch 1, i.e. one pass over a normal volume's 128 slices and its twin's, so its BatchNorm
         # normalises over those 256 slices; chunks of 256 in our normal/twin-interleaved order are exactly
         # those passes, one per pair, and keep [code]'s BatchNorm statistics at the paper's batch 8.
+        # CPU estimate at batch 8 with bf16 (benchmarks/joint_embedding_memory.py): 16.7 GiB with chunks of
+        # 256 (one chunk's recompute 6.7 GiB fp32), 44.4 GiB in one pass.
         "paper": {"slice_chunk": 256},
         # Spec Sec. 7: about 5 min on 2 CPUs on synthetic-brain at 64^3 (3D network at 32^3, 16 slices of
         # 64^2, 0.87 M + 0.31 M parameters). No pretrained 2D weights offline.
@@ -590,8 +592,8 @@ class JointEmbedding(AnomalyMethod):
 
         With ``slice_chunk`` > 0 and more slices than one chunk, the volumes are interleaved (normal i,
         then its twin) and the network runs over consecutive chunks of ``slice_chunk`` slices; with grad
-        enabled each chunk is checkpointed (non-reentrant): only its input and outputs are kept, and its
-        activations are recomputed in backward under :func:`_frozen_batchnorm_stats`, so the BatchNorm
+        enabled each chunk is checkpointed (non-reentrant): of the chunk only its input stays saved (and
+        what the rest of the step saves of its outputs), and its activations are recomputed in backward under :func:`_frozen_batchnorm_stats`, so the BatchNorm
         running statistics are updated once per chunk, in the forward pass.
         """
         c = self.config
