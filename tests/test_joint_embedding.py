@@ -241,3 +241,68 @@ def test_pretrained_2d_weights_load_from_a_named_file(tmp_path):
         JE.build("tiny", pretrained_2d="imagenet_gray")
     payload = model.to_checkpoint()
     assert payload["config"]["pretrained_2d_path"] == ""  # the weights travel in the state dict
+
+
+# -- slice_chunk: the 2D network over checkpointed chunks (spec ambiguity 11) -----------------------------
+
+
+def _chunked_step(image, checkpointed: bool):
+    """One joint step of a tiny model whose 64 slices (2 x 2 volumes x 16) run in 4 chunks of 16, with the
+    checkpoint used (and counted) or replaced by a plain call; returns the model, losses, gradients, calls."""
+    import medood.methods.joint_embedding as je
+
+    model = tiny(slice_chunk=16, elastic_prob=0.0)
+    calls = {"checkpoint": 0, "forward": 0}
+    model.net2d.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
+    real = je.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        calls["checkpoint"] += 1
+        return real(fn, *args, **kwargs) if checkpointed else fn(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(je, "checkpoint", spy)
+        torch.manual_seed(1)
+        losses = model.training_step({"image": image}, "joint")
+        params3d, params2d = list(model.net3d.parameters()), list(model.net2d.parameters())
+        # The platform's per-optimizer backward (medood.platform.train.step_optimizers).
+        losses["loss"].backward(inputs=params3d, retain_graph=True)
+        losses["loss_2d"].backward(inputs=params2d)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return model, losses, grads, calls
+
+
+def test_slice_chunk_checkpoint_matches_the_uncheckpointed_chunks_and_updates_batchnorm_once():
+    image = torch.rand(2, 1, 64, 64, 64)
+    model, losses, grads, calls = _chunked_step(image, checkpointed=True)
+    reference, ref_losses, ref_grads, ref_calls = _chunked_step(image, checkpointed=False)
+    # 4 chunks; with the checkpoint each chunk's forward runs again in backward.
+    assert calls == {"checkpoint": 4, "forward": 8} and ref_calls == {"checkpoint": 4, "forward": 4}
+    for key in ("loss", "loss_2d", "sim", "cls_2d"):
+        torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-5, atol=1e-6)
+    assert set(grads) == set(ref_grads) and any(name.startswith("net2d.") for name in grads)
+    assert any(name.startswith("net3d.") for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    buffers, ref_buffers = dict(model.net2d.named_buffers()), dict(reference.net2d.named_buffers())
+    fresh = dict(tiny(slice_chunk=16).net2d.named_buffers())
+    for name, value in buffers.items():
+        torch.testing.assert_close(value, ref_buffers[name], rtol=1e-6, atol=1e-7, msg=name)
+        if name.endswith("num_batches_tracked"):
+            assert int(value) == 4  # once per chunk, not again in the recompute
+        elif name.endswith("running_mean"):
+            assert not torch.equal(value, fresh[name])  # the statistics did move
+    assert all(m.momentum == 0.1 for m in model.net2d.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_slice_chunk_keeps_the_slice_order_and_is_validated():
+    model = tiny(slice_chunk=16).eval()
+    slices = torch.rand(4, 16, 64, 64)  # 2B = 4 volumes: normals then twins
+    with torch.no_grad():
+        chunked = model._run_2d(slices)
+        model.config.slice_chunk = 0
+        whole = model._run_2d(slices)
+    for a, b in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="slice_chunk must be >= 0"):
+        JE.build("tiny", slice_chunk=-1)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,8 @@ from monai.networks.nets import ResNet, resnet50
 from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from monai.transforms import Rand3DElastic
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, read_state_dict, register
 from medood.methods.components.hard_augmentations import (
@@ -71,6 +75,11 @@ class Config(BaseConfig):
     pretrained_2d: str = "imagenet_gray"  # Sec. 3.3.1: grayscale ImageNet-1k; loaded from pretrained_2d_path
     pretrained_2d_path: str = ""
     n_slices: int = 0  # 0: every slice (our reading of "multiple slices", Sec. 3.1)
+    # 0: the 2D network sees all 2B x S slices in one pass. > 0: it runs over chunks of this many slices
+    # (volumes ordered normal 0, twin 0, normal 1, twin 1, ...), each chunk gradient-checkpointed in
+    # training (spec ambiguity 11), so only one chunk's activations are alive at a time; BatchNorm then
+    # normalises over each chunk rather than over the whole batch.
+    slice_chunk: int = 0
     # Stage 1: pretask (Sec. 3.2, 4.1)
     pretext: str = "scatter"
     scatter_ratio: float = 0.3  # Table 1: 30% is the best
@@ -155,6 +164,10 @@ class Config(BaseConfig):
         slices = self.n_slices or self.image_size
         if slices % self.latent_depth:
             raise ValueError(f"n_slices {slices} must be a multiple of the bottleneck depth {self.latent_depth}")
+        if self.slice_chunk < 0:
+            raise ValueError(
+                f"slice_chunk must be >= 0 (0 = all slices in one pass of the 2D network), got {self.slice_chunk}"
+            )
         if not 0.0 < self.scatter_ratio < 1.0:
             raise ValueError(f"scatter_ratio must be in (0, 1), got {self.scatter_ratio}")
         if len(self.ls_thresholds) != 2 or not 0 < self.ls_thresholds[0] <= self.ls_thresholds[1]:
@@ -404,7 +417,14 @@ def _jigsaw_permutations(count: int) -> np.ndarray:
 class JointEmbedding(AnomalyMethod):
     Config = Config
     presets = {
-        "paper": {},
+        # slice_chunk 256 (spec ambiguity 11: batch 8 is 2 x 8 x 128 = 2048 ResNet-50 passes per step,
+        # which does not fit a GPU in one pass; benchmarks/joint_embedding_memory.py). [code] defaults to
+        # batch 1, i.e. one pass over a normal volume's 128 slices and its twin's, so its BatchNorm
+        # normalises over those 256 slices; chunks of 256 in our normal/twin-interleaved order are exactly
+        # those passes, one per pair, and keep [code]'s BatchNorm statistics at the paper's batch 8.
+        # CPU estimate at batch 8 with bf16 (benchmarks/joint_embedding_memory.py): 16.7 GiB with chunks of
+        # 256 (one chunk's recompute 6.7 GiB fp32), 44.4 GiB in one pass.
+        "paper": {"slice_chunk": 256},
         # Spec Sec. 7: about 5 min on 2 CPUs on synthetic-brain at 64^3 (3D network at 32^3, 16 slices of
         # 64^2, 0.87 M + 0.31 M parameters). No pretrained 2D weights offline.
         "tiny": {
@@ -567,6 +587,38 @@ class JointEmbedding(AnomalyMethod):
             return torch.arange(c.image_size)
         return torch.linspace(0, c.image_size - 1, c.n_slices).round().long()
 
+    def _run_2d(self, slices: Tensor) -> tuple[Tensor, Tensor]:
+        """The 2D network over ``(2B, S, n, n)`` slices -> features ``(2B, S, C2, h, w)``, logits ``(2B, S)``.
+
+        With ``slice_chunk`` > 0 and more slices than one chunk, the volumes are interleaved (normal i,
+        then its twin) and the network runs over consecutive chunks of ``slice_chunk`` slices; with grad
+        enabled each chunk is checkpointed (non-reentrant): of the chunk only its input stays saved (and
+        what the rest of the step saves of its outputs), and its activations are recomputed in backward under :func:`_frozen_batchnorm_stats`, so the BatchNorm
+        running statistics are updated once per chunk, in the forward pass.
+        """
+        c = self.config
+        assert self.net2d is not None
+        two_b, s = slices.shape[:2]
+        flat = slices.reshape(-1, 1, *slices.shape[2:])
+        if not c.slice_chunk or flat.shape[0] <= c.slice_chunk:
+            features, logits = self.net2d(flat)
+            return features.view(two_b, s, *features.shape[1:]), logits.view(two_b, s)
+        b = two_b // 2
+        order = torch.arange(two_b, device=slices.device).view(2, b).t().reshape(-1)  # n0, t0, n1, t1, ...
+        chunks = slices[order].reshape(-1, 1, *slices.shape[2:]).split(c.slice_chunk)
+        net = self.net2d
+        if torch.is_grad_enabled():
+            def contexts() -> tuple[Any, Any]:  # (forward, recompute)
+                return nullcontext(), _frozen_batchnorm_stats(net)
+
+            outs = [checkpoint(net, chunk, use_reentrant=False, context_fn=contexts) for chunk in chunks]
+        else:
+            outs = [net(chunk) for chunk in chunks]
+        features = torch.cat([f for f, _ in outs])
+        logits = torch.cat([lg for _, lg in outs])
+        inverse = torch.argsort(order)
+        return features.view(two_b, s, *features.shape[1:])[inverse], logits.view(two_b, s)[inverse]
+
     # -- training ------------------------------------------------------------------------------------
 
     def training_step(self, batch: Batch, stage: str) -> dict[str, Tensor]:
@@ -637,16 +689,13 @@ class JointEmbedding(AnomalyMethod):
             return out
         index = self.slice_indices().to(image.device)
         slices = torch.cat([normal, twin])[:, 0, index]  # (2B, S, n, n): slices along the first axis
-        s = slices.shape[1]
-        features, logits = self.net2d(slices.reshape(-1, 1, *slices.shape[2:]))
-        logits = logits.view(2 * b, s)
+        features, logits = self._run_2d(slices)
         abnormal_pixels = mask[:, 0, index].flatten(2).sum(-1)  # (B, S)
         targets = slice_labels(abnormal_pixels, c.image_size**2, smoothing=c.label_smoothing, mode=c.ls_mode,
                                thresholds=tuple(c.ls_thresholds), value=c.ls_value)
         # Sec. 3.3.1 / [code]: the weighted BCE runs over the slices of the abnormal volumes only.
         cls2d = weighted_slice_bce(logits[b:].reshape(-1), targets.reshape(-1).to(logits), c.wbce)
-        z2 = reduce_slices(features.view(2 * b, s, *features.shape[1:]), c.unet_features[4], c.latent_depth,
-                           c.reduction)
+        z2 = reduce_slices(features, c.unet_features[4], c.latent_depth, c.reduction)
         sim = similarity_loss(z2, z3, kind=c.sim_loss, pairs=c.sim_pairs, temperature=c.sim_temperature)
         weight = sim_weight(progress, c.sim_weight, c.sim_weight_final)
         out.update({"loss": loss + weight * sim, "loss_2d": cls2d + weight * sim, "sim": sim.detach(),
@@ -677,6 +726,28 @@ class JointEmbedding(AnomalyMethod):
         # run's own record keeps the original pretrained_2d settings).
         payload["config"].update({"pretrained_2d": "none", "pretrained_2d_path": ""})
         return payload
+
+
+@contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Recompute context of a checkpointed chunk: its BatchNorm layers still normalise by the chunk's
+    statistics (as in the forward pass) but leave the running statistics as they are.
+
+    ``momentum`` 0 keeps ``running_mean`` / ``running_var`` (new = (1 - 0) old + 0 batch); a train-mode
+    forward still adds 1 to ``num_batches_tracked`` whatever the momentum (torch ``_BatchNorm.forward``),
+    so that counter is saved and put back.
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def _shuffle_octants(volume: np.ndarray, order: list[int]) -> np.ndarray:
