@@ -593,8 +593,9 @@ class JointEmbedding(AnomalyMethod):
         With ``slice_chunk`` > 0 and more slices than one chunk, the volumes are interleaved (normal i,
         then its twin) and the network runs over consecutive chunks of ``slice_chunk`` slices; with grad
         enabled each chunk is checkpointed (non-reentrant): of the chunk only its input stays saved (and
-        what the rest of the step saves of its outputs), and its activations are recomputed in backward under :func:`_frozen_batchnorm_stats`, so the BatchNorm
-        running statistics are updated once per chunk, in the forward pass.
+        what the rest of the step saves of its outputs), and its activations are recomputed in backward
+        under :func:`_frozen_batchnorm_stats`, so the BatchNorm running statistics are updated once per
+        chunk, in the forward pass.
         """
         c = self.config
         assert self.net2d is not None
