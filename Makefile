@@ -26,7 +26,7 @@ demo: compile
 
 # Everything, the two-node cluster tests (issue 15) included; `make test-cluster` runs those alone.
 test: compile
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-cluster: compile
 	$(BIN)/python -m pytest -q -m cluster
