@@ -296,3 +296,31 @@ def test_training_epochs_draw_new_patches_every_epoch_and_one_worker_keeps_its_s
     assert streamed.rows is None
     for a, b in zip(drawn, again):
         assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
+
+
+def test_a_split_over_its_share_of_the_object_store_streams_the_same_rows(ray_local, brain):
+    """``budget_fraction`` (a run's or a sweep trial's share of the object store): a split whose
+    preprocessed size is over it is not materialized, and streaming it gives the same preprocessed rows."""
+    import ray
+
+    from medood.platform.data.stream import InputSpec, preprocessed_bytes, training_datasets
+
+    spec = InputSpec(spatial_dims=3, image_size=16)
+    kept, materialized = training_datasets(brain, spec, batch_size=2)
+    assert materialized == {"train", "val"}
+    store = ray.cluster_resources()["object_store_memory"]
+    # room for the train split only: val (the next one) streams
+    fraction = (preprocessed_bytes(brain, "train", spec) + 1) / store
+    partly, materialized = training_datasets(brain, spec, batch_size=2, budget_fraction=fraction)
+    assert materialized == {"train"}
+    streamed, materialized = training_datasets(brain, spec, batch_size=2, budget_fraction=1e-9)
+    assert materialized == set()
+
+    def rows(dataset) -> dict[str, np.ndarray]:
+        return {i: x for b in dataset.iter_batches(batch_size=4, batch_format="numpy") for i, x in zip(b["id"], b["image"])}
+
+    for split in ("train", "val"):
+        want = rows(kept[split])
+        for other in (partly, streamed):
+            got = rows(other[split])
+            assert got.keys() == want.keys() and all(np.array_equal(got[i], want[i]) for i in want)

@@ -23,6 +23,7 @@ from medood.platform.tune import (
     make_plan,
     param_space,
     sweep,
+    trial_options,
     trial_overrides,
     write_results,
 )
@@ -144,6 +145,22 @@ def test_trials_run_one_at_a_time_on_two_cpus():
     assert default_max_concurrent(plan, {"CPU": 16.0}) == 8
     assert default_max_concurrent({**plan, "gpus_per_trial": 0.5}, {"CPU": 16.0, "GPU": 1.0}) == 2
     assert default_max_concurrent({**plan, "cpus_per_trial": 4}, {"CPU": 2.0}) == 1
+
+
+def test_trials_at_once_share_the_object_store(digits, tmp_path):
+    """Each of the trials running at once may materialize into its share of Ray's object store only."""
+    from medood.platform import storage
+
+    plan = make_plan(SweepOptions("autoencoder", str(digits), ablation="residual_units", preset="tiny"), tmp_path / "s")
+    setting = plan["ablation"]["settings"][1]["label"]
+    shares = []
+    for at_once in (1, 3):
+        plan["max_concurrent"] = at_once
+        options = trial_options(plan, {"setting": setting}, storage.location(tmp_path / "s" / "t0"))
+        assert options.out == (storage.location(tmp_path / "s" / "t0") / "run").uri and options.progress is False
+        assert options.overrides == trial_overrides(plan, {"setting": setting})
+        shares.append(options.store_share)
+    assert shares == [1.0, pytest.approx(1 / 3)]
 
 
 def test_results_table_plots_and_best_from_trials(digits, tmp_path):

@@ -62,6 +62,7 @@ from medood.platform import checkpoint as ckpt
 from medood.platform import metrics as M
 from medood.platform import storage
 from medood.platform.data.stream import (
+    MATERIALIZE_FRACTION,
     InputSpec,
     augment_batch,
     read_manifest,
@@ -104,6 +105,9 @@ class TrainOptions:
     sync_batchnorm: bool = False  # multi-worker GPU runs: batch-norm statistics over all workers
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD (one per node)
     progress: bool = True  # one line per epoch on the driver
+    # The share of Ray's object store this run may fill with its preprocessed splits (of the half that
+    # runs materialize into); runs at once on one cluster (a sweep's trials) each get their part.
+    store_share: float = 1.0
     # Shard folder of an auxiliary image set for methods whose training reads batch["aux_image"]
     # (``uses_auxiliary_images``, e.g. dino_negatives' negatives from another data set): its train split.
     aux_data: str | None = None
@@ -135,6 +139,8 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     config = options.resolved_config()
     if options.threshold_rule not in M.THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule {options.threshold_rule!r}; known: {', '.join(M.THRESHOLD_RULES)}")
+    if not 0.0 < options.store_share <= 1.0:
+        raise ValueError(f"store_share must be in (0, 1], got {options.store_share}")
     spec = InputSpec.from_config(config, **options.data_options)
     manifest = read_manifest(options.data)
     metric, mode = _effective_metric(options, manifest)
@@ -151,6 +157,7 @@ def train(options: TrainOptions, *, callbacks: list | None = None) -> RunResult:
     datasets, materialized = training_datasets(
         options.data, spec, batch_size=4,
         with_val=bool(int(manifest["counts"].get("val", {}).get("total", 0))),
+        budget_fraction=MATERIALIZE_FRACTION * options.store_share,
     )
     if not methods.get(options.method).trainable:
         # Fitted on ``reference`` alone: no training split to hand out.

@@ -334,7 +334,7 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from medood.platform.train import TrainOptions, train
+    from medood.platform.train import train
 
     # The trial's folder in the sweep (get_trial_dir() is Tune's local staging copy, not the storage).
     trial_dir = storage.location(plan["path"]) / tune.get_context().get_trial_name()
@@ -346,7 +346,15 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         for metrics in json.loads(finished.read_text()).get("history", []):
             tune.report(metrics)
         return
-    options = TrainOptions(
+    train(trial_options(plan, config, trial_dir), callbacks=[TuneReportCallback()])
+
+
+def trial_options(plan: dict[str, Any], config: dict[str, Any], trial_dir: storage.Location) -> Any:
+    """The ``TrainOptions`` of one trial. Trials running at once share Ray's object store, so each may
+    keep its preprocessed splits in only its share of it (``store_share``); beyond that it streams."""
+    from medood.platform.train import TrainOptions
+
+    return TrainOptions(
         method=plan["method"],
         data=plan["data"],
         out=(trial_dir / "run").uri,
@@ -362,8 +370,8 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         wandb=bool(plan["wandb"]),
         wandb_group=plan["name"],
         progress=False,  # Tune prints its own trial table
+        store_share=1.0 / max(1, int(plan["max_concurrent"])),
     )
-    train(options, callbacks=[TuneReportCallback()])
 
 
 def trial_overrides(plan: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
