@@ -86,3 +86,73 @@ def test_raw_map_keeps_its_checkpoint_keys_and_unfitted_reference_refuses_to_sco
         method.score({"image": normal_images(2, method.config.image_size, 2)})
     with pytest.raises(ValueError, match="map_reference"):
         methods.get("autoencoder").build("tiny", map_reference="pixel")
+
+
+def test_denoising_corrupts_the_input_with_coarse_noise_and_keeps_the_target_clean():
+    torch.manual_seed(0)
+    method = methods.get("autoencoder").build("tiny3d", image_size=32, noise_std=0.2, noise_downsample=8)
+    image = normal_images(2, 32, 3)
+    method.train()
+    torch.manual_seed(7)
+    noise = method.coarse_noise(image)
+    # Coarse: drawn on a 4^3 grid and upsampled, so neighbours differ far less than in white noise.
+    assert noise.shape == image.shape
+    assert 0.05 < float(noise.std()) < 0.3
+    assert float((noise[..., 1:] - noise[..., :-1]).abs().mean()) < 0.25 * float(noise.std())  # white noise: ~1.1 x
+    torch.manual_seed(7)
+    loss = method.training_step({"image": image}, "train")["loss"]
+    with torch.no_grad():
+        expected = torch.nn.functional.mse_loss(method.reconstruct(image + noise), image)
+        clean = torch.nn.functional.mse_loss(method.reconstruct(image), image)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert not torch.isclose(loss.detach(), clean)
+    # Eval mode (validation): the same noise every call, torch's RNG untouched.
+    method.eval()
+    state = torch.get_rng_state()
+    first = method.training_step({"image": image}, "train")["loss"]
+    second = method.training_step({"image": image}, "train")["loss"]
+    assert torch.equal(first, second) and torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_median_filtered_map_drops_a_speck_and_keeps_a_region(dims):
+    size = 16
+    train = normal_images(12, size, dims)
+    test = normal_images(2, size, dims, seed=3)
+    speck = (0, 0) + (size // 2,) * dims  # one voxel of case 0
+    test[speck] = 1.0
+    region = (slice(1, 2), slice(None)) + (slice(2, 7),) * dims  # a 5-voxel-sided box in case 1
+    test[region] = 1.0
+    maps = {}
+    for median in (0, 3):
+        floor = methods.get("voxel_zscore").build("paper", spatial_dims=dims, image_size=size, map_median=median)
+        floor.fit_reference([{"image": train}])
+        maps[median] = floor.score({"image": test})
+    raw, smooth = maps[0].map, maps[3].map
+    inside = (1, 0) + (4,) * dims
+    assert float(raw[speck]) > 5 * float(raw[0].median())  # the raw z-map flags the speck ...
+    assert float(smooth[speck]) < 2 * float(smooth[0].median())  # ... the median filter removes it
+    assert float(smooth[inside]) > 0.8 * float(raw[inside])  # and keeps the box
+    assert float(maps[3].sample[1]) > float(maps[3].sample[0])
+
+
+def test_autoencoder_map_median_filters_the_same_map():
+    method, _ = trained(3, "residual")
+    test = normal_images(2, method.config.image_size, 3, seed=4)
+    raw = method.score({"image": test}).map
+    method.config.map_median = 3
+    smooth = method.score({"image": test})
+    from monai.networks.layers import median_filter
+
+    torch.testing.assert_close(smooth.map, median_filter(raw, 3, spatial_dims=3))
+    assert not torch.equal(smooth.map, raw)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("map_median", 4, "map_median must be 0 .* odd"),
+    ("noise_std", -0.1, "noise_std must be >= 0"),
+    ("noise_downsample", 0, "noise_downsample must be in"),
+])
+def test_denoising_options_are_validated(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        methods.get("autoencoder").build("tiny", **{key: value})

@@ -23,6 +23,10 @@ def test_findings_name_the_best_learned_run_and_what_it_catches(tmp_path):
         {"run": DemoRun("squid", "squid", "digits"), "results": result(0.88, {"flip": 0.95, "zero": 0.5, "missing": 0.7}), "train_s": 1},
         {"run": DemoRun("ae3d", "autoencoder", "brain", mood=True), "results": result(0.9, {"blob": 0.99}, 0.4), "train_s": 1},
         {"run": DemoRun("z", "voxel_zscore", "brain", floor=True), "results": result(0.8, {}, 0.1), "train_s": 1},
+        # Ranks cases best but maps worse than ae3d: the sentence names both.
+        {"run": DemoRun("slices", "autoencoder", "brain2", mood=True), "results": result(0.95, {}, 0.05), "train_s": 1},
+        {"run": DemoRun("ae3d2", "autoencoder", "brain2", mood=True), "results": result(0.85, {}, 0.6), "train_s": 1},
+        {"run": DemoRun("z2", "voxel_zscore", "brain2", floor=True), "results": result(0.8, {}, 0.4), "train_s": 1},
     ]
     for row in rows:
         row["eval_dir"] = tmp_path / "eval" / row["run"].name
@@ -36,7 +40,10 @@ def test_findings_name_the_best_learned_run_and_what_it_catches(tmp_path):
     assert lines[2] == "## What was found"
     assert lines[4].startswith("- **digits**: squid separates abnormal from normal test cases with AUROC 0.88")
     assert "Caught (type AUROC >= 0.8): flip; missed (< 0.65): zero." in lines[4]
-    assert "voxel AP 0.400 (floor 0.100)" in lines[5]
+    assert "voxel AP 0.400 (floor 0.100)." in lines[5]
+    assert found["brain2"]["run"] == "slices" and found["brain2"]["maps_run"] == "ae3d2"
+    assert lines[6].startswith("- **brain2**: slices separates abnormal from normal test cases with AUROC 0.95")
+    assert "The best anomaly maps are ae3d2's: voxel AP 0.600 (floor 0.400)." in lines[6]
 
 
 def test_every_demo_dataset_has_a_floor_and_a_learned_run():

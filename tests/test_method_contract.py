@@ -22,7 +22,11 @@ from medood.platform.train import fit_reference, step_optimizers, validate
 ALL = methods.names()
 TRAINABLE = [n for n in ALL if methods.get(n).trainable]
 # Scoring options with state of their own (fitted in fit_reference), checked by the scoring tests too.
-VARIANTS = {"autoencoder:map_reference=residual": ("autoencoder", {"map_reference": "residual"})}
+VARIANTS = {
+    "autoencoder:map_reference=residual": ("autoencoder", {"map_reference": "residual"}),
+    # The denoising autoencoder draws noise in training_step (seeded in eval mode) and median-filters its map.
+    "autoencoder:denoising": ("autoencoder", {"map_reference": "residual", "noise_std": 0.2, "map_median": 3}),
+}
 
 
 # The contract is about behaviour, not size: joint_embedding's tiny preset feeds 16 slices of every

@@ -11,7 +11,9 @@ that data set's anomalies that raw intensities do not already show (issue 9, "re
   of the squared distance, ``max(0, d_i * (P d)_i)`` with ``d = x - mu``, upsampled to the image.
 - ``voxel_zscore`` (3D, and 2D): the per-voxel mean and standard deviation of the normal training
   volumes; the map is ``|x - mean| / max(std, std_floor)``; the score is the mean of the top
-  ``top_fraction`` of the map (a robust maximum).
+  ``top_fraction`` of the map (a robust maximum). ``map_median`` (off by default: the floor is the
+  voxel-wise z-score) median-filters the map before the score, the post-processing the denoising
+  autoencoder applies (``autoencoder.py``), so the benchmark can hold both to the same smoothing.
 
 Both have ``trainable = False`` and no training stages: the platform fits, validates and
 checkpoints them in one step (``medood.platform.train``).
@@ -28,7 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medood.methods.base import AnomalyMethod, BaseConfig, Batch, Scores, Stage, register
-from medood.methods.components.voxel_reference import top_fraction_mean, voxel_moments
+from medood.methods.components.voxel_reference import (
+    check_median_size,
+    median_smooth,
+    top_fraction_mean,
+    voxel_moments,
+)
 
 
 class _TrainingFree(AnomalyMethod):
@@ -112,10 +119,12 @@ class ZScoreConfig(BaseConfig):
     batch_size: int = 8
     std_floor: float = 0.05  # intensities are in [0, 1]; voxels that never vary would divide by ~0
     top_fraction: float = 0.01  # the score averages the top 1% of the z-map
+    map_median: int = 0  # median filter window side for the map (0 = off: the voxel-wise floor)
 
     def validate(self) -> None:
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        check_median_size(self.map_median)
         if self.std_floor <= 0:
             raise ValueError(f"std_floor must be > 0, got {self.std_floor}")
         if not 0 < self.top_fraction <= 1:
@@ -148,4 +157,5 @@ class VoxelZScore(_TrainingFree):
         self._check_fitted()
         image = batch["image"].float()
         z = (image - self.mean).abs() / self.std.clamp_min(self.config.std_floor)
-        return Scores(sample=top_fraction_mean(z, self.config.top_fraction), map=z.sum(1, keepdim=True))
+        amap = median_smooth(z.sum(1, keepdim=True), self.config.map_median)
+        return Scores(sample=top_fraction_mean(amap, self.config.top_fraction), map=amap)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from monai.networks.layers import median_filter
 from torch import Tensor
 
 
@@ -37,3 +38,17 @@ def top_fraction_mean(amap: Tensor, fraction: float) -> Tensor:
     flat = amap.flatten(1)
     k = max(1, int(round(fraction * flat.shape[1])))
     return flat.topk(k, dim=1).values.mean(1)
+
+
+def median_smooth(amap: Tensor, size: int) -> Tensor:
+    """(B, C, *spatial) map -> the same map median-filtered with a ``size``-sided window (MONAI's
+    ``median_filter``, replicate padding); ``size`` 0 or 1 returns ``amap`` as it is."""
+    if size <= 1:
+        return amap
+    return median_filter(amap, size, spatial_dims=amap.dim() - 2)
+
+
+def check_median_size(size: int) -> None:
+    """``map_median`` must be 0 (off) or an odd window side (the median needs a centre voxel)."""
+    if size < 0 or (size > 1 and size % 2 == 0):
+        raise ValueError(f"map_median must be 0 (off) or an odd window side >= 1, got {size}")
