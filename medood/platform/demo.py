@@ -160,18 +160,15 @@ def _sentence(dataset: str, f: dict[str, Any]) -> str:
     text = f"**{dataset}**: {f['run']} separates abnormal from normal test cases with AUROC {f['auroc']:.2f} (95% CI {low:.2f}-{high:.2f})"
     if "floor" in f:
         text += f" against {f['floor_auroc']:.2f} for the {f['floor']} floor"
-    if f.get("pixel_ap") is not None:
-        floor_ap = f" (floor {f['floor_pixel_ap']:.3f})" if f.get("floor_pixel_ap") is not None else ""
-        if f["maps_run"] == f["run"]:
-            text += f"; voxel AP {f['pixel_ap']:.3f}{floor_ap}."
-        else:
-            text += f". The best anomaly maps are {f['maps_run']}'s: voxel AP {f['pixel_ap']:.3f}{floor_ap}."
-    else:
-        text += "."
+    floor_ap = f" (floor {f['floor_pixel_ap']:.3f})" if f.get("floor_pixel_ap") is not None else ""
+    own_maps = f.get("pixel_ap") is not None and f["maps_run"] == f["run"]
+    text += f"; voxel AP {f['pixel_ap']:.3f}{floor_ap}." if own_maps else "."
     if f["caught"] or f["missed"]:
         caught = ", ".join(f["caught"]) or "none"
         missed = ", ".join(f["missed"]) or "none"
         text += f" Caught (type AUROC >= 0.8): {caught}; missed (< 0.65): {missed}."
+    if f.get("pixel_ap") is not None and not own_maps:  # after the types, which are the best run's
+        text += f" The best anomaly maps are {f['maps_run']}'s: voxel AP {f['pixel_ap']:.3f}{floor_ap}."
     return text
 
 
