@@ -24,8 +24,9 @@ thread), ``--ae "tiny3d-10ep:tiny3d:epochs=10" "denoising3d:denoising3d:"
     voxel_zscore median 5                  0.513 (0.492..0.534)   0.517 0.503 0.519
     tiny3d 10 epochs [residual]            0.314 (0.192..0.435)   (the demo's 3D run before)
     denoising3d [residual] (the preset)    0.602 (0.454..0.749)   0.631 0.533 0.640
-    denoising3d, no median [residual]      0.430 (0.323..0.537)   (retrained: CPU training is not
-                                                                   bit-reproducible run to run)
+    denoising3d, no median [residual]      0.430 (0.323..0.537)   (retrained from other initial
+                                                                   weights: models are built before
+                                                                   ``fit`` seeds torch)
 
 Paired differences of the preset: vs the floor +0.167 (+0.090..+0.244) voxel AP and +0.059
 (+0.037..+0.081) AUROC; vs the median-filtered floor +0.089 (-0.038..+0.215) voxel AP (not
