@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from monai.networks.layers import median_filter
 
 from medood import methods
 from medood.methods.base import AnomalyMethod
@@ -142,8 +143,6 @@ def test_autoencoder_map_median_filters_the_same_map():
     raw = method.score({"image": test}).map
     method.config.map_median = 3
     smooth = method.score({"image": test})
-    from monai.networks.layers import median_filter
-
     torch.testing.assert_close(smooth.map, median_filter(raw, 3, spatial_dims=3))
     assert not torch.equal(smooth.map, raw)
 
